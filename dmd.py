@@ -1,0 +1,372 @@
+"""DMD: DMD2-style distribution matching distillation of a diffusion teacher into a K-step student.
+
+    python dmd.py                                  # toy world: 8-mode ring, 4-step student, ~30 s on 2 CPU cores
+    python dmd.py --student-steps 1 --num-steps 3000
+    python dmd.py --toy-mixture grid25 --toy-path vp --fake-ema 0.9 --renoise-min 0.5   # Flash-DMD options
+    python dmd.py --help                           # every option, with its default
+
+A run writes runs/dmd__<model>__<seed>__<time>/: config.json, metrics.jsonl (losses, evaluation metrics),
+checkpoint/ (the latest good generator and fake adapters), samples.png and curves.png.
+
+The algorithm (Yin et al. 2024, "Improved Distribution Matching Distillation", DMD2):
+    generator G_theta = teacher + trainable adapter; a K-step student sampled by "backward simulation":
+        x <- noise; for k: x0 = G(x, sigma_k); x <- renoise(x0, sigma_{k+1}, fresh noise)
+    real score  = frozen teacher with classifier-free guidance (x0-prediction x0_real)
+    fake score  = teacher + a second adapter, trained with the plain diffusion loss on detached generator samples,
+                  so that it tracks the student's own distribution
+    DMD gradient of KL(p_student,sigma || p_teacher,sigma) w.r.t. a generator output x (renoised to sigma):
+        grad = (p_real - p_fake) / mean|p_real|,  p_real = x - x0_real, p_fake = x - x0_fake        (DMD2 normalisation)
+        loss = 0.5 * mse(x, (x - grad).detach())           so that d loss / d x = grad / numel
+    TTUR: the fake score takes `fake_updates_per_step` updates per generator update.
+Flash-DMD options: an EMA of the generator adapter's weights into the fake adapter after each generator update
+(`--fake-ema`), and distribution matching at high noise only (`--renoise-min`).
+
+Conventions: sigma in [0, 1], sigma = 1 is pure noise. Flow worlds (toy flow, SD3): x = (1 - sigma) x0 + sigma eps.
+VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1] maps to sigma = world.sigma(t)
+(SD3's shift). The algorithm below sees only x0-predictions and world.renoise, so it is identical on every world.
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+MODELS = ("toy2d",)  # text-to-image presets (sd3-medium, sdxl, ...) arrive with the t2i world
+
+
+@dataclass
+class Args:
+    # ---- world ----
+    model: str = "toy2d"
+    """world to distil: toy2d (2-D Gaussian mixture, CPU)"""
+    model_path: Optional[str] = None
+    """local copy of the model weights (text-to-image worlds)"""
+    toy_mixture: str = "ring8"
+    """toy teacher: ring8 (8 equal modes), grid25 (5x5, unequal weights), line3"""
+    toy_spread: Optional[float] = None
+    """toy mode standard deviation (None: the mixture's default)"""
+    toy_path: str = "flow"
+    """toy noising path: flow (SD3-like, velocity) or vp (SDXL-like, eps)"""
+    toy_classes: int = 0
+    """toy class labels (mode k has label k % toy_classes); 0: unconditional"""
+    toy_reward: str = "linear"
+    """toy reward, reported as a metric: linear, quadratic, radius"""
+    # ---- student and training ----
+    student_steps: int = 4
+    """K, the number of student sampling steps (pre-shift levels 1, 1 - 1/K, ..., 1/K)"""
+    num_steps: Optional[int] = None
+    """generator updates (toy2d: 1500)"""
+    batch_size: Optional[int] = None
+    """samples per generator update (toy2d: 256)"""
+    lr_generator: Optional[float] = None
+    """generator adapter learning rate (toy2d: 1e-3)"""
+    lr_fake: Optional[float] = None
+    """fake-score adapter learning rate (toy2d: 1e-3)"""
+    weight_decay_generator: float = 0.01
+    """AdamW weight decay of the generator adapter"""
+    fake_updates_per_step: int = 5
+    """TTUR: fake-score updates per generator update (DMD2: 5 for SDXL)"""
+    guidance_scale: Optional[float] = None
+    """classifier-free guidance of the real score (toy2d: 1.0; DMD2 SDXL: 8)"""
+    renoise_min: float = 0.02
+    """lowest pre-shift time t of the DMD renoise, t ~ U[renoise_min, renoise_max] (Flash-DMD high noise: 0.5)"""
+    renoise_max: float = 0.98
+    """highest pre-shift time t of the DMD renoise"""
+    fake_ema: float = 0.0
+    """Flash-DMD: after each generator update, fake <- ema * fake + (1 - ema) * generator adapter weights; 0: off"""
+    grad_clip: float = 1.0
+    """gradient-norm clipping of both adapters (0: off)"""
+    # ---- run ----
+    seed: int = 0
+    """random seed (adapter init, noise, renoise levels)"""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)"""
+    output_dir: str = "runs"
+    """parent directory of run directories"""
+    run_name: Optional[str] = None
+    """run directory name (default dmd__<model>__<seed>__<time>); an existing directory is never overwritten"""
+    log_every: int = 25
+    """steps between metrics.jsonl loss records"""
+    eval_every: int = 250
+    """steps between evaluations (and checkpoints)"""
+    eval_samples: int = 4000
+    """samples per evaluation"""
+    progress: bool = True
+    """show a tqdm progress bar"""
+
+
+MODEL_DEFAULTS = {
+    "toy2d": dict(num_steps=1500, batch_size=256, lr_generator=1e-3, lr_fake=1e-3, guidance_scale=1.0),
+}
+
+
+# =====================================================================================================
+#                                          the algorithm
+# =====================================================================================================
+
+
+def student_sigmas(world, student_steps):
+    """The student's K noise levels: pre-shift times 1, 1 - 1/K, ..., 1/K through the world's shift."""
+    return [float(world.sigma(torch.tensor(1.0 - k / student_steps))) for k in range(student_steps)]
+
+
+def sample_student(world, cond, sigmas, noise, generator=None, stop=None):
+    """K-step student sampling (DMD2's multi-step sampler): x0 = G(x, sigma_k), then renoise x0 to sigma_{k+1}
+    with fresh noise. With stop=k, returns the state x at level sigma_k instead (backward simulation input)."""
+    x = noise
+    for k, sigma in enumerate(sigmas):
+        if k == stop:
+            return x
+        x0 = world.x0("generator", x, sigma, cond)
+        if k + 1 < len(sigmas):
+            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x = world.renoise(x0, sigmas[k + 1], eps)
+    return x0
+
+
+def generator_sample(world, cond, sigmas, noise):
+    """Backward simulation: pick a student step k, run the steps before it without grad, and return the generator's
+    x0 at step k WITH grad (the only step that is trained on this batch) and k."""
+    k = int(torch.randint(len(sigmas), (1,)))
+    with torch.no_grad():
+        x_k = sample_student(world, cond, sigmas, noise, stop=k)
+    return world.x0("generator", x_k, sigmas[k], cond), k
+
+
+def dmd_grad(x, x0_real, x0_fake):
+    """The DMD2-normalised distribution-matching step for generator outputs x (n, ...):
+    (p_real - p_fake) / mean|p_real| per sample, p = x - x0. It is proportional, per sample, to the gradient of
+    KL(p_student,sigma || p_teacher,sigma): s_fake - s_real = alpha (x0_fake - x0_real) / sigma^2."""
+    p_real = x - x0_real
+    p_fake = x - x0_fake
+    norm = p_real.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)  # (n, 1, ...) per-sample scale
+    return (p_real - p_fake) / norm
+
+
+def dmd_loss(x, grad):
+    """0.5 * mse(x, sg(x - grad)): its gradient w.r.t. x is grad / numel, whatever produced grad."""
+    return 0.5 * F.mse_loss(x, (x - grad).detach())
+
+
+def fake_score_loss(world, x0, cond, t, adapter_scale=1.0):
+    """The plain diffusion loss of the fake score on (detached) samples x0 at pre-shift times t (n,): renoise, predict,
+    weight the x0 error into the model's native loss (flow: velocity, 1/sigma^2; VP: eps, alpha^2/sigma^2)."""
+    sigma = world.sigma(t)
+    x_t = world.renoise(x0, sigma, torch.randn_like(x0))
+    x0_fake = world.x0("fake", x_t, sigma, cond, adapter_scale=adapter_scale)
+    per_sample = ((x0_fake - x0) ** 2).flatten(1).mean(1)
+    return (world.loss_weight(sigma) * per_sample).mean()
+
+
+def dmd_generator_loss(world, x0, cond, t, guidance_scale):
+    """DMD loss of generator outputs x0 renoised at pre-shift times t (n,): real score with CFG, fake score at scale 1."""
+    with torch.no_grad():
+        sigma = world.sigma(t)
+        x_t = world.renoise(x0, sigma, torch.randn_like(x0))
+        x0_real = world.x0("teacher", x_t, sigma, cond, cfg=guidance_scale)
+        x0_fake = world.x0("fake", x_t, sigma, cond)
+        grad = dmd_grad(x0, x0_real, x0_fake)
+    return dmd_loss(x0, grad)
+
+
+@torch.no_grad()
+def ema_into_fake(world, decay):
+    """Flash-DMD: fake <- decay * fake + (1 - decay) * generator, adapter weight by weight (same architecture)."""
+    for p_fake, p_gen in zip(world.params("fake"), world.params("generator"), strict=True):
+        p_fake.lerp_(p_gen, 1.0 - decay)
+
+
+def train_step(world, args, sigmas, opt_generator, opt_fake):
+    """One DMD2 iteration: TTUR fake-score updates, then one generator update. Returns losses (floats) before stepping;
+    raises FloatingPointError on a non-finite loss before any parameter is touched."""
+    n = args.batch_size
+    fake_losses = []
+    for _ in range(args.fake_updates_per_step):
+        cond = world.sample_cond(n)
+        with torch.no_grad():
+            x0, _ = generator_sample(world, cond, sigmas, world.noise(cond))  # detached generator samples
+        t = torch.rand(n, device=x0.device).clamp(min=1e-3)  # fake score: t ~ U(0, 1]
+        loss = fake_score_loss(world, x0, cond, t)
+        check_finite(loss, "fake_score_loss")
+        opt_fake.zero_grad(set_to_none=True)
+        loss.backward()
+        clip(world.params("fake"), args.grad_clip)
+        opt_fake.step()
+        fake_losses.append(loss.item())
+
+    cond = world.sample_cond(n)
+    x0, k = generator_sample(world, cond, sigmas, world.noise(cond))
+    t = args.renoise_min + (args.renoise_max - args.renoise_min) * torch.rand(n, device=x0.device)
+    loss = dmd_generator_loss(world, x0, cond, t, args.guidance_scale)
+    check_finite(loss, "dmd_loss")
+    opt_generator.zero_grad(set_to_none=True)
+    loss.backward()
+    clip(world.params("generator"), args.grad_clip)
+    opt_generator.step()
+    if args.fake_ema > 0:
+        ema_into_fake(world, args.fake_ema)
+    return {"dmd_loss": loss.item(), "fake_loss": sum(fake_losses) / len(fake_losses), "student_step": k}
+
+
+# =====================================================================================================
+#                                           plumbing
+# =====================================================================================================
+
+
+def check_finite(loss, name):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{name} is {loss.item()}")
+
+
+def clip(params, max_norm):
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def resolve_defaults(args):
+    """Fill the model-dependent defaults (None fields) from MODEL_DEFAULTS."""
+    for key, value in MODEL_DEFAULTS.get(args.model, {}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def validate(args):
+    """Every check that can fail before any work starts."""
+    if args.model not in MODELS:
+        raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
+    if args.model == "toy2d":
+        import toy2d
+
+        if args.toy_mixture not in toy2d.MIXTURES:
+            raise ValueError(f"unknown toy mixture {args.toy_mixture!r}; valid mixtures: {', '.join(toy2d.MIXTURES)}")
+        if args.toy_path not in toy2d.PATHS:
+            raise ValueError(f"unknown toy path {args.toy_path!r}; valid paths: {', '.join(toy2d.PATHS)}")
+        if args.toy_reward not in toy2d.REWARDS:
+            raise ValueError(f"unknown toy reward {args.toy_reward!r}; valid rewards: {', '.join(toy2d.REWARDS)}")
+    if not 1 <= args.student_steps <= 8:
+        raise ValueError(f"student_steps must be in 1..8, got {args.student_steps}")
+    for name in ("num_steps", "batch_size", "fake_updates_per_step", "log_every", "eval_every", "eval_samples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)}")
+    for name in ("lr_generator", "lr_fake"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
+    if args.guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {args.guidance_scale}")
+    if not 0.0 <= args.renoise_min < args.renoise_max <= 1.0:
+        raise ValueError(f"need 0 <= renoise_min < renoise_max <= 1, got {args.renoise_min}, {args.renoise_max}")
+    if not 0.0 <= args.fake_ema < 1.0:
+        raise ValueError(f"fake_ema must be in [0, 1), got {args.fake_ema}")
+    if args.grad_clip < 0:
+        raise ValueError(f"grad_clip must be >= 0, got {args.grad_clip}")
+
+
+def make_world(args, device):
+    """The world named by --model."""
+    if args.model == "toy2d":
+        import toy2d
+
+        return toy2d.ToyWorld(
+            mixture=args.toy_mixture, spread=args.toy_spread, path=args.toy_path, n_classes=args.toy_classes,
+            reward=args.toy_reward, seed=args.seed, device=device,
+        )
+    raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
+
+
+def make_run_dir(args, method):
+    name = args.run_name or f"{method}__{args.model}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(args.output_dir) / name
+    if run_dir.exists():
+        raise FileExistsError(f"run directory {run_dir} exists; it is never overwritten (choose another --run-name)")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def save_checkpoint(world, run_dir, step):
+    """Write both adapters to checkpoint/ atomically: a crash mid-save leaves the previous checkpoint intact."""
+    tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for role in ("generator", "fake"):
+        world.save(role, tmp)
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@torch.no_grad()
+def evaluate(world, sigmas, n, seed):
+    """Student samples from fixed noise (same seed every time, so curves compare) and the world's metrics."""
+    gen = torch.Generator().manual_seed(seed)
+    cond = world.sample_cond(n, gen)
+    noise = world.noise(cond, gen)
+    samples = sample_student(world, cond, sigmas, noise, generator=gen)
+    return samples, cond, world.evaluate(samples, cond)
+
+
+def main(args):
+    args = resolve_defaults(args)
+    validate(args)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    torch.manual_seed(args.seed)
+    world = make_world(args, device)
+    run_dir = make_run_dir(args, "dmd")
+    (run_dir / "config.json").write_text(json.dumps({"method": "dmd", **asdict(args)}, indent=2))
+    sigmas = student_sigmas(world, args.student_steps)
+    opt_generator = torch.optim.AdamW(world.params("generator"), args.lr_generator, weight_decay=args.weight_decay_generator)
+    opt_fake = torch.optim.AdamW(world.params("fake"), args.lr_fake, weight_decay=0.0)
+
+    history = []
+    log = open(run_dir / "metrics.jsonl", "a")
+
+    def record(entry):
+        history.append(entry)
+        log.write(json.dumps(entry) + "\n")
+        log.flush()
+
+    _, _, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
+    record({"step": 0, **metrics})
+    save_checkpoint(world, run_dir, 0)
+    start = time.time()
+    bar = tqdm(range(1, args.num_steps + 1), desc="dmd", disable=not args.progress, dynamic_ncols=True)
+    for step in bar:
+        try:
+            losses = train_step(world, args, sigmas, opt_generator, opt_fake)
+        except FloatingPointError as err:
+            log.close()
+            raise FloatingPointError(
+                f"{err} at step {step}; stopped. The last good checkpoint is {run_dir / 'checkpoint'}"
+            ) from None
+        if step % args.log_every == 0:
+            record({"step": step, "time": time.time() - start, **losses})
+            bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", fake=f"{losses['fake_loss']:.3f}")
+        if step % args.eval_every == 0 or step == args.num_steps:
+            samples, cond, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
+            record({"step": step, "time": time.time() - start, **metrics})
+            bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", ed=f"{metrics['energy_distance']:.4f}",
+                            modes=f"{metrics['modes_covered']}/{metrics['n_modes']}")
+            save_checkpoint(world, run_dir, step)
+    log.close()
+
+    world.plot_samples(samples, run_dir / "samples.png", f"dmd, {args.student_steps}-step student, step {args.num_steps}")
+    world.plot_curves(history, ["dmd_loss", "fake_loss", "energy_distance", "modes_covered", "teacher_logp"],
+                run_dir / "curves.png", "dmd")
+    final = {k: v for k, v in history[-1].items()}
+    print(f"dmd: done in {time.time() - start:.1f} s -> {run_dir}")
+    print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+    return {"run_dir": run_dir, "history": history, "final": final, "world": world}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
