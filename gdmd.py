@@ -1,0 +1,615 @@
+"""GDMD: DMD whose reward is scored on the DMD targets, not on the raw samples (a RECONSTRUCTION; no public code).
+
+    python gdmd.py                                  # toy world: plain-DMD cold start, then GDMD (see the docstring's end)
+    python gdmd.py --naive-fusion                   # the baseline: score the raw sample instead of the targets
+    python gdmd.py --group-source snapshots         # target group from fake-score snapshots instead of renoise levels
+    python gdmd.py --init-checkpoint runs/dmd__toy2d__0__<time>/checkpoint --cold-start-steps 0   # GDMD from a DMD run
+    python gdmd.py --help                           # every option, with its default
+
+A run writes runs/gdmd__<model>__<seed>__<time>/: config.json, metrics.jsonl (losses, target rewards, advantages,
+evaluation metrics), checkpoint/ (the latest good generator and fake adapters), samples.png and curves.png.
+
+This file is a reconstruction. GDMD ("Guiding Distribution Matching Distillation with Gradient-Based Reinforcement
+Learning", Dong et al., arXiv 2604.19009) has no public code, and we have only its abstract and a public machine review
+(../shared/papers/gdmd_abstract_and_review.md), plus the GDMD and DiffusionNFT entries of
+../shared/notes/reference-implementations.md and the team's issue 5. Every line below is ours.
+
+The algorithm as we reconstruct it (equation numbers are ours):
+    DMD2 (see dmd.py): the generator output x = G_theta(x_k, sigma_k) at the backward-simulated step k regresses to the
+    stop-gradient target x_hat = sg(x - g), g the DMD2-normalised distribution-matching step at a renoise level sigma:
+        g = (p_real - p_fake) / mean|p_real|,   p = x - x0(x_sigma)                                          (1)
+    GDMD scores these targets, not x:
+    (2) target group: for every x, n targets x_hat_j = sg(x - g_j), the g_j from n renoise levels sigma_j
+        ("levels"), from the live fake score and n - 1 recent snapshots of the fake adapter at one shared level
+        ("snapshots"), or level j with snapshot j ("both").
+    (3) rewards of the targets r_j = r(x_hat_j) (no grad) and group-normalised, clipped advantages over the n targets
+        of the same x:  A_j = clip((r_j - mean_j r) / (std_j r + 1e-4), -A_max, A_max)   (0 when all r_j are equal)
+    (4) the generator loss: the plain DMD loss over the group plus lambda_gdmd times a DiffusionNFT-style loss with
+        the targets as the clean data, the generator's output x as the policy and the generator frozen at the start of
+        the step as the old policy (x_old = the same output, detached):
+            L = mean_j dmd_loss(x, g_j) + lambda_gdmd * L_nft                                                 (4a)
+            rho_j = clip(A_j, -A_max, A_max) / (2 A_max) + 1/2                       (DiffusionNFT's r, in [0, 1])
+            x+ = beta x + (1 - beta) x_old,   x- = (1 + beta) x_old - beta x         (x0 form of v+, v-: affine in v)
+            L_nft = mean_{b,j} A_max / beta * [ rho_j |x+ - x_hat_j|^2 / (D w+_j) + (1 - rho_j) |x- - x_hat_j|^2 / (D w-_j) ]
+            w+-_j = sg(mean |x+- - x_hat_j|) (DiffusionNFT's adaptive weight, floored at 1e-5), D = numel of one x  (4b)
+
+The identity behind "adaptive weighting that synchronises the RL policy with the distillation objective".
+At x = x_old (always true here: one generator update per batch, taken at theta_old) x+ = x- = x and
+x+- - x_hat_j = x - (x - g_j) = g_j, so w+_j = w-_j = m_j := mean|g_j|, and with B samples in the batch
+    d L_nft / d x_b = 1/(B n) sum_j A_max/beta [ rho 2 beta g_bj - (1 - rho) 2 beta g_bj ] / (D m_bj)
+                    = sum_j c_bj A_bj g_bj,        c_bj = 2 / (B n D m_bj)     (2 rho - 1 = A / A_max; beta, A_max cancel)
+while d mean_j dmd_loss(x, g_j) / d x_b = sum_j g_bj / (B n D). So the whole GDMD update of x_b is
+    d L / d x_b = 1/(B n D) sum_j (1 + 2 lambda_gdmd A_bj / m_bj) g_bj                                         (5)
+a reward-weighted sum of the group's own DMD steps: the RL term can only move x within the span of its DMD steps,
+toward the targets the reward prefers and away from those it does not. A constant reward gives A = 0, so the update is
+exactly the group-averaged DMD update (with n = 1 and "levels", exactly dmd.py's). Because of w, the RL term of (5)
+moves x along unit-scale directions g/m: its size does not shrink as the DMD steps do.
+
+The naive-fusion baseline (--naive-fusion): everything identical, but the reward is that of the raw sample x_b,
+normalised over the batch (the batch is the group; on t2i, a batch of one prompt repeated), A_bj = A_b for every j.
+Then (5) reads 1/(BnD) sum_j (1 + 2 lambda A_b / m_bj) g_bj: the reward of the sample decides how hard x follows its
+DMD steps (or, for a poor sample, runs against them), but not which direction is better.
+
+Choices we had to make (the paper's text is not available to us):
+  - The group is built at the backward-simulated step's x0 (DMD2's generator output), one student step per batch.
+  - "levels": each target its own renoise time t ~ U[renoise_min, renoise_max] and own noise, live fake score.
+    "snapshots": one shared time and noise, fake scores = live + the n - 1 most recent snapshots (cycled while the
+    ring buffer fills), so the targets differ only through the fake score. "both": target j has its own time and
+    snapshot j. Snapshots are clones of world.params("fake") taken every `snapshot_every` generator updates (also
+    during the cold start), evaluated by copying their values into the live adapter under no_grad and back.
+  - Advantages are normalised over the n targets of one sample (population std, + 1e-4 as in the usual GRPO /
+    Flow-GRPO normalisation), set to exactly 0 when all rewards of a group are equal, clipped at A_max = 5 (the
+    DiffusionNFT default). With population std, |A| <= sqrt(n - 1), so A_max = 5 clips nothing for n <= 26.
+  - The NFT term uses DiffusionNFT's loss as in the notes, in x0 form (x0 = x_t - t v is affine in v, so mixing
+    velocities equals mixing x0s; the same holds for eps on VP paths). Its beta (1.0) does not change the gradient at
+    x = x_old and is not an option.
+  - The old policy is the generator at the start of the step; with one update per batch x_old = x.detach() (no
+    second forward pass). Several inner updates per batch (where x_old would matter) are left out.
+  - The reward is world.reward(x_hat, cond), without grad (the world decodes when it has a decoder; toy: identity).
+  - Cold start: plain DMD (dmd.py's generator loss) for `cold_start_steps`, then GDMD; the fake score keeps its TTUR
+    updates throughout. The DMD-only control of the tests is this file with lambda_gdmd = 0 (group DMD, same compute).
+  - Naive fusion is the same loss with the raw sample's batch-normalised reward (above), not a separate DMD +
+    DiffusionNFT-on-forward-noised-samples pipeline.
+
+Conventions: sigma in [0, 1], sigma = 1 is pure noise. Flow worlds (toy flow, SD3): x = (1 - sigma) x0 + sigma eps.
+VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1] maps to sigma = world.sigma(t).
+The algorithm sees only x0-predictions, world.renoise and world.reward, so it is identical on every world.
+
+Toy default (ring8, linear reward r = x_1): 750 plain-DMD cold-start updates, then 750 GDMD updates, n = 4 levels,
+lambda_gdmd = 0.05. Measured results are in README.md (GDMD section).
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+MODELS = ("toy2d",)  # text-to-image presets (sd3-medium, sdxl, ...) arrive with the t2i world
+GROUP_SOURCES = ("levels", "snapshots", "both")
+
+
+@dataclass
+class Args:
+    # ---- world ----
+    model: str = "toy2d"
+    """world to distil: toy2d (2-D Gaussian mixture, CPU)"""
+    model_path: Optional[str] = None
+    """local copy of the model weights (text-to-image worlds)"""
+    toy_mixture: str = "ring8"
+    """toy teacher: ring8 (8 equal modes), grid25 (5x5, unequal weights), line3"""
+    toy_spread: Optional[float] = None
+    """toy mode standard deviation (None: the mixture's default)"""
+    toy_path: str = "flow"
+    """toy noising path: flow (SD3-like, velocity) or vp (SDXL-like, eps)"""
+    toy_classes: int = 0
+    """toy class labels (mode k has label k % toy_classes); 0: unconditional"""
+    toy_reward: str = "linear"
+    """toy reward, optimised by GDMD: linear, quadratic, radius"""
+    # ---- student and DMD ----
+    student_steps: int = 4
+    """K, the number of student sampling steps (pre-shift levels 1, 1 - 1/K, ..., 1/K)"""
+    num_steps: Optional[int] = None
+    """generator updates in all, cold start included (toy2d: 1500)"""
+    cold_start_steps: Optional[int] = None
+    """plain-DMD generator updates before GDMD starts (toy2d: 750; 0 with --init-checkpoint)"""
+    batch_size: Optional[int] = None
+    """samples per generator update (toy2d: 256)"""
+    lr_generator: Optional[float] = None
+    """generator adapter learning rate (toy2d: 1e-3)"""
+    lr_fake: Optional[float] = None
+    """fake-score adapter learning rate (toy2d: 1e-3)"""
+    weight_decay_generator: float = 0.01
+    """AdamW weight decay of the generator adapter"""
+    fake_updates_per_step: int = 5
+    """TTUR: fake-score updates per generator update (DMD2: 5 for SDXL)"""
+    guidance_scale: Optional[float] = None
+    """classifier-free guidance of the real score (toy2d: 1.0; DMD2 SDXL: 8)"""
+    renoise_min: float = 0.02
+    """lowest pre-shift time t of the DMD renoise, t ~ U[renoise_min, renoise_max]"""
+    renoise_max: float = 0.98
+    """highest pre-shift time t of the DMD renoise"""
+    grad_clip: float = 1.0
+    """gradient-norm clipping of both adapters (0: off)"""
+    # ---- GDMD ----
+    group_size: int = 4
+    """n, the number of DMD targets x_hat_j = sg(x - g_j) scored per generator output"""
+    group_source: str = "levels"
+    """where the n targets differ: levels (renoise levels), snapshots (fake-score snapshots), both"""
+    lambda_gdmd: Optional[float] = None
+    """weight of the NFT-style reward loss (toy2d: 0.05); 0 gives group-averaged DMD"""
+    adv_clip: float = 5.0
+    """A_max: advantages are clipped to [-A_max, A_max] (DiffusionNFT: 5)"""
+    snapshot_every: int = 10
+    """generator updates between fake-adapter snapshots (group sources snapshots, both)"""
+    naive_fusion: bool = False
+    """baseline: score the raw sample x (normalised over the batch) instead of the targets"""
+    init_checkpoint: Optional[str] = None
+    """start from this checkpoint directory (generator.pt and fake.pt of a dmd.py / gdmd.py run's checkpoint/)"""
+    # ---- run ----
+    seed: int = 0
+    """random seed (adapter init, noise, renoise levels)"""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)"""
+    output_dir: str = "runs"
+    """parent directory of run directories"""
+    run_name: Optional[str] = None
+    """run directory name (default gdmd__<model>__<seed>__<time>); an existing directory is never overwritten"""
+    log_every: int = 25
+    """steps between metrics.jsonl loss records"""
+    eval_every: int = 250
+    """steps between evaluations (and checkpoints)"""
+    eval_samples: int = 4000
+    """samples per evaluation"""
+    progress: bool = True
+    """show a tqdm progress bar"""
+
+
+MODEL_DEFAULTS = {
+    "toy2d": dict(
+        num_steps=1500, cold_start_steps=750, batch_size=256, lr_generator=1e-3, lr_fake=1e-3, guidance_scale=1.0,
+        lambda_gdmd=0.05,
+    ),
+}
+
+
+# =====================================================================================================
+#                                          the algorithm
+# =====================================================================================================
+
+
+# Copied from dmd.py: student_sigmas
+def student_sigmas(world, student_steps):
+    """The student's K noise levels: pre-shift times 1, 1 - 1/K, ..., 1/K through the world's shift."""
+    return [float(world.sigma(torch.tensor(1.0 - k / student_steps))) for k in range(student_steps)]
+
+
+# Copied from dmd.py: sample_student
+def sample_student(world, cond, sigmas, noise, generator=None, stop=None):
+    """K-step student sampling (DMD2's multi-step sampler): x0 = G(x, sigma_k), then renoise x0 to sigma_{k+1}
+    with fresh noise. With stop=k, returns the state x at level sigma_k instead (backward simulation input)."""
+    x = noise
+    for k, sigma in enumerate(sigmas):
+        if k == stop:
+            return x
+        x0 = world.x0("generator", x, sigma, cond)
+        if k + 1 < len(sigmas):
+            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x = world.renoise(x0, sigmas[k + 1], eps)
+    return x0
+
+
+# Copied from dmd.py: generator_sample
+def generator_sample(world, cond, sigmas, noise):
+    """Backward simulation: pick a student step k, run the steps before it without grad, and return the generator's
+    x0 at step k WITH grad (the only step that is trained on this batch) and k."""
+    k = int(torch.randint(len(sigmas), (1,)))
+    with torch.no_grad():
+        x_k = sample_student(world, cond, sigmas, noise, stop=k)
+    return world.x0("generator", x_k, sigmas[k], cond), k
+
+
+# Copied from dmd.py: dmd_grad
+def dmd_grad(x, x0_real, x0_fake):
+    """The DMD2-normalised distribution-matching step for generator outputs x (n, ...):
+    (p_real - p_fake) / mean|p_real| per sample, p = x - x0. It is proportional, per sample, to the gradient of
+    KL(p_student,sigma || p_teacher,sigma): s_fake - s_real = alpha (x0_fake - x0_real) / sigma^2."""
+    p_real = x - x0_real
+    p_fake = x - x0_fake
+    norm = p_real.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)  # (n, 1, ...) per-sample scale
+    return (p_real - p_fake) / norm
+
+
+# Copied from dmd.py: dmd_loss
+def dmd_loss(x, grad):
+    """0.5 * mse(x, sg(x - grad)): its gradient w.r.t. x is grad / numel, whatever produced grad."""
+    return 0.5 * F.mse_loss(x, (x - grad).detach())
+
+
+# Copied from dmd.py: fake_score_loss
+def fake_score_loss(world, x0, cond, t, adapter_scale=1.0):
+    """The plain diffusion loss of the fake score on (detached) samples x0 at pre-shift times t (n,): renoise, predict,
+    weight the x0 error into the model's native loss (flow: velocity, 1/sigma^2; VP: eps, alpha^2/sigma^2)."""
+    sigma = world.sigma(t)
+    x_t = world.renoise(x0, sigma, torch.randn_like(x0))
+    x0_fake = world.x0("fake", x_t, sigma, cond, adapter_scale=adapter_scale)
+    per_sample = ((x0_fake - x0) ** 2).flatten(1).mean(1)
+    return (world.loss_weight(sigma) * per_sample).mean()
+
+
+# Copied from dmd.py: dmd_generator_loss
+def dmd_generator_loss(world, x0, cond, t, guidance_scale):
+    """DMD loss of generator outputs x0 renoised at pre-shift times t (n,): real score with CFG, fake score at scale 1."""
+    with torch.no_grad():
+        sigma = world.sigma(t)
+        x_t = world.renoise(x0, sigma, torch.randn_like(x0))
+        x0_real = world.x0("teacher", x_t, sigma, cond, cfg=guidance_scale)
+        x0_fake = world.x0("fake", x_t, sigma, cond)
+        grad = dmd_grad(x0, x0_real, x0_fake)
+    return dmd_loss(x0, grad)
+
+
+class FakeSnapshots:
+    """Ring buffer of recent fake-adapter states (clones of world.params("fake")), newest first, at most `size`.
+    Snapshot 0 is always the live fake adapter; snapshot i >= 1 is the i-th most recent clone (cycled while filling)."""
+
+    def __init__(self, size):
+        self.size = size
+        self.states = []  # newest first: list of lists of tensors, aligned with world.params("fake")
+
+    @torch.no_grad()
+    def push(self, world):
+        if self.size > 0:
+            self.states.insert(0, [p.detach().clone() for p in world.params("fake")])
+            del self.states[self.size:]
+
+    @contextmanager
+    def swapped_in(self, world, i):
+        """Within the block the live fake adapter holds snapshot i's values (i = 0: unchanged); restored afterwards."""
+        if i == 0 or not self.states:
+            yield
+            return
+        state = self.states[(i - 1) % len(self.states)]
+        params = world.params("fake")
+        with torch.no_grad():
+            live = [p.detach().clone() for p in params]
+            for p, s in zip(params, state, strict=True):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, live, strict=True):
+                    p.copy_(s)
+
+
+def group_layout(source, n):
+    """Which renoise level and which fake snapshot each of the n targets uses (eq. 2): (levels (n,), snapshots (n,))
+    and the number of distinct levels. levels: n levels, live fake; snapshots: 1 level, n fakes; both: level j, fake j."""
+    if source == "levels":
+        return list(range(n)), [0] * n, n
+    if source == "snapshots":
+        return [0] * n, list(range(n)), 1
+    if source == "both":
+        return list(range(n)), list(range(n)), n
+    raise ValueError(f"unknown group source {source!r}; valid sources: {', '.join(GROUP_SOURCES)}")
+
+
+@torch.no_grad()
+def dmd_target_group(world, x0, cond, t, guidance_scale, levels, fakes, snapshots=None):
+    """Eq. (2): the DMD steps g (B, n, ...) of generator outputs x0 (B, ...) for a target group. t (B, L) holds the
+    pre-shift renoise times of the L distinct levels; target j renoises at level levels[j] (own noise per level,
+    drawn in level order, as dmd_generator_loss draws it) and uses fake snapshot fakes[j] (0: the live fake).
+    The targets are x0 - g[:, j]."""
+    n_levels = t.shape[1]
+    noisy, real = [], []
+    for l in range(n_levels):  # the teacher (the costly CFG call on t2i) once per distinct level
+        sigma = world.sigma(t[:, l])
+        x_t = world.renoise(x0, sigma, torch.randn_like(x0))
+        noisy.append((x_t, sigma))
+        real.append(world.x0("teacher", x_t, sigma, cond, cfg=guidance_scale))
+    steps = []
+    for level, fake in zip(levels, fakes, strict=True):
+        x_t, sigma = noisy[level]
+        if fake == 0 or snapshots is None:
+            x0_fake = world.x0("fake", x_t, sigma, cond)
+        else:
+            with snapshots.swapped_in(world, fake):
+                x0_fake = world.x0("fake", x_t, sigma, cond)
+        steps.append(dmd_grad(x0, real[level], x0_fake))
+    return torch.stack(steps, 1)  # (B, n, ...)
+
+
+def group_advantages(rewards, adv_clip, eps=1e-4):
+    """Eq. (3): advantages over the last dim (the group): (r - mean) / (population std + eps), exactly 0 for a group
+    whose rewards are all equal (no NaN, no rounding noise), clipped to [-adv_clip, adv_clip]."""
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True, unbiased=False)
+    equal = rewards.amax(-1, keepdim=True) == rewards.amin(-1, keepdim=True)
+    adv = torch.where(equal, torch.zeros_like(centred), centred / (std + eps))
+    return adv.clamp(-adv_clip, adv_clip)
+
+
+def nft_loss(x, x_old, x_hat, advantages, adv_clip, beta=1.0):
+    """Eq. (4b): DiffusionNFT's loss in x0 form. x (B, ...) the policy's output (with grad), x_old (B, ...) the old
+    policy's (detached), x_hat (B, n, ...) the clean targets, advantages (B, n). Positive policy x+ = beta x +
+    (1 - beta) x_old, implicit negative x- = (1 + beta) x_old - beta x; each squared error divided by its detached
+    mean absolute error (DiffusionNFT's adaptive weight). At x = x_old its gradient is sum_j c A_j g_j, eq. (5)."""
+    rho = (advantages.clamp(-adv_clip, adv_clip) / adv_clip / 2 + 0.5).clamp(0, 1)  # (B, n) in [0, 1]
+    x, x_old = x.unsqueeze(1), x_old.detach().unsqueeze(1)  # (B, 1, ...)
+    dims = tuple(range(2, x_hat.dim()))
+    x_pos = beta * x + (1 - beta) * x_old
+    x_neg = (1 + beta) * x_old - beta * x
+    w_pos = (x_pos - x_hat).abs().mean(dims).clamp(min=1e-5).detach()  # (B, n)
+    w_neg = (x_neg - x_hat).abs().mean(dims).clamp(min=1e-5).detach()
+    pos = ((x_pos - x_hat) ** 2).mean(dims) / w_pos
+    neg = ((x_neg - x_hat) ** 2).mean(dims) / w_neg
+    return ((rho * pos + (1 - rho) * neg) / beta * adv_clip).mean()
+
+
+def gdmd_generator_loss(world, x0, cond, t, guidance_scale, lambda_gdmd, adv_clip, source="levels", group_size=4,
+                        snapshots=None, naive_fusion=False):
+    """Eq. (4a): plain DMD over the target group + lambda_gdmd * NFT loss with advantages from the targets' rewards
+    (or, naive_fusion, from the raw samples' rewards normalised over the batch). x0 (B, ...) generator outputs with
+    grad, t (B, L) renoise times (L = group_size, or 1 for snapshots). Returns (loss, stats dict of floats)."""
+    levels, fakes, _ = group_layout(source, group_size)
+    g = dmd_target_group(world, x0.detach(), cond, t, guidance_scale, levels, fakes, snapshots)  # (B, n, ...)
+    x_hat = (x0.detach().unsqueeze(1) - g)  # (B, n, ...) the targets sg(x - g_j)
+    with torch.no_grad():
+        if naive_fusion:  # the raw sample's reward, the batch as the group, shared by the sample's n targets
+            r = world.reward(x0.detach(), cond)  # (B,)
+            adv = group_advantages(r[None], adv_clip)[0][:, None].expand(-1, group_size)
+        else:
+            flat = x_hat.flatten(0, 1)  # (B n, ...)
+            r = world.reward(flat, cond.repeat_interleave(group_size, 0)).view(-1, group_size)  # (B, n)
+            adv = group_advantages(r, adv_clip)
+    distill = sum(dmd_loss(x0, g[:, j]) for j in range(group_size)) / group_size
+    rl = nft_loss(x0, x0.detach(), x_hat, adv, adv_clip)
+    stats = {
+        "dmd_loss": distill.item(), "nft_loss": rl.item(), "target_reward": r.mean().item(),
+        "adv_abs": adv.abs().mean().item(), "step_size": g.abs().flatten(2).mean(2).mean().item(),
+    }
+    return distill + lambda_gdmd * rl, stats
+
+
+def fake_score_updates(world, args, sigmas, opt_fake):
+    """TTUR: `fake_updates_per_step` fake-score updates on detached generator samples, as in dmd.py."""
+    n = args.batch_size
+    losses = []
+    for _ in range(args.fake_updates_per_step):
+        cond = world.sample_cond(n)
+        with torch.no_grad():
+            x0, _ = generator_sample(world, cond, sigmas, world.noise(cond))  # detached generator samples
+        t = torch.rand(n, device=x0.device).clamp(min=1e-3)  # fake score: t ~ U(0, 1]
+        loss = fake_score_loss(world, x0, cond, t)
+        check_finite(loss, "fake_score_loss")
+        opt_fake.zero_grad(set_to_none=True)
+        loss.backward()
+        clip(world.params("fake"), args.grad_clip)
+        opt_fake.step()
+        losses.append(loss.item())
+    return sum(losses) / len(losses)
+
+
+def train_step(world, args, sigmas, opt_generator, opt_fake, snapshots, gdmd_on):
+    """One iteration: TTUR fake-score updates, then one generator update, plain DMD (cold start) or GDMD.
+    Returns losses (floats); raises FloatingPointError on a non-finite loss before the generator is touched."""
+    n = args.batch_size
+    fake_loss = fake_score_updates(world, args, sigmas, opt_fake)
+    cond = world.sample_cond(n)
+    x0, k = generator_sample(world, cond, sigmas, world.noise(cond))
+    if gdmd_on:
+        n_levels = group_layout(args.group_source, args.group_size)[2]
+        t = args.renoise_min + (args.renoise_max - args.renoise_min) * torch.rand(n, n_levels, device=x0.device)
+        loss, stats = gdmd_generator_loss(
+            world, x0, cond, t, args.guidance_scale, args.lambda_gdmd, args.adv_clip, args.group_source,
+            args.group_size, snapshots, args.naive_fusion,
+        )
+    else:
+        t = args.renoise_min + (args.renoise_max - args.renoise_min) * torch.rand(n, device=x0.device)
+        loss = dmd_generator_loss(world, x0, cond, t, args.guidance_scale)
+        stats = {"dmd_loss": loss.item()}
+    check_finite(loss, "gdmd_loss" if gdmd_on else "dmd_loss")
+    opt_generator.zero_grad(set_to_none=True)
+    loss.backward()
+    clip(world.params("generator"), args.grad_clip)
+    opt_generator.step()
+    return {**stats, "fake_loss": fake_loss, "student_step": k}
+
+
+# =====================================================================================================
+#                                           plumbing
+# =====================================================================================================
+
+
+# Copied from dmd.py: check_finite
+def check_finite(loss, name):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{name} is {loss.item()}")
+
+
+# Copied from dmd.py: clip
+def clip(params, max_norm):
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+# Copied from dmd.py: resolve_defaults
+def resolve_defaults(args):
+    """Fill the model-dependent defaults (None fields) from MODEL_DEFAULTS."""
+    for key, value in MODEL_DEFAULTS.get(args.model, {}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def validate(args):
+    """Every check that can fail before any work starts."""
+    if args.model not in MODELS:
+        raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
+    if args.model == "toy2d":
+        import toy2d
+
+        if args.toy_mixture not in toy2d.MIXTURES:
+            raise ValueError(f"unknown toy mixture {args.toy_mixture!r}; valid mixtures: {', '.join(toy2d.MIXTURES)}")
+        if args.toy_path not in toy2d.PATHS:
+            raise ValueError(f"unknown toy path {args.toy_path!r}; valid paths: {', '.join(toy2d.PATHS)}")
+        if args.toy_reward not in toy2d.REWARDS:
+            raise ValueError(f"unknown toy reward {args.toy_reward!r}; valid rewards: {', '.join(toy2d.REWARDS)}")
+    if not 1 <= args.student_steps <= 8:
+        raise ValueError(f"student_steps must be in 1..8, got {args.student_steps}")
+    for name in ("num_steps", "batch_size", "fake_updates_per_step", "log_every", "eval_every", "eval_samples",
+                 "snapshot_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)}")
+    if not 0 <= args.cold_start_steps <= args.num_steps:
+        raise ValueError(f"cold_start_steps must be in 0..num_steps ({args.num_steps}), got {args.cold_start_steps}")
+    for name in ("lr_generator", "lr_fake"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
+    if args.guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {args.guidance_scale}")
+    if not 0.0 <= args.renoise_min < args.renoise_max <= 1.0:
+        raise ValueError(f"need 0 <= renoise_min < renoise_max <= 1, got {args.renoise_min}, {args.renoise_max}")
+    if args.grad_clip < 0:
+        raise ValueError(f"grad_clip must be >= 0, got {args.grad_clip}")
+    if args.group_size < 1:
+        raise ValueError(f"group_size (n, targets per generator output) must be >= 1, got {args.group_size}")
+    if args.group_source not in GROUP_SOURCES:
+        raise ValueError(f"unknown group source {args.group_source!r}; valid sources: {', '.join(GROUP_SOURCES)}")
+    if not (args.lambda_gdmd >= 0 and math.isfinite(args.lambda_gdmd)):
+        raise ValueError(f"lambda_gdmd must be a finite number >= 0, got {args.lambda_gdmd}")
+    if not args.adv_clip > 0:
+        raise ValueError(f"adv_clip must be > 0, got {args.adv_clip}")
+    if args.init_checkpoint is not None:
+        for role in ("generator", "fake"):
+            if not (Path(args.init_checkpoint) / f"{role}.pt").exists():
+                raise FileNotFoundError(f"--init-checkpoint {args.init_checkpoint} has no {role}.pt")
+
+
+# Copied from dmd.py: make_world
+def make_world(args, device):
+    """The world named by --model."""
+    if args.model == "toy2d":
+        import toy2d
+
+        return toy2d.ToyWorld(
+            mixture=args.toy_mixture, spread=args.toy_spread, path=args.toy_path, n_classes=args.toy_classes,
+            reward=args.toy_reward, seed=args.seed, device=device,
+        )
+    raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
+
+
+# Copied from dmd.py: make_run_dir
+def make_run_dir(args, method):
+    name = args.run_name or f"{method}__{args.model}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(args.output_dir) / name
+    if run_dir.exists():
+        raise FileExistsError(f"run directory {run_dir} exists; it is never overwritten (choose another --run-name)")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+# Copied from dmd.py: save_checkpoint
+def save_checkpoint(world, run_dir, step):
+    """Write both adapters to checkpoint/ atomically: a crash mid-save leaves the previous checkpoint intact."""
+    tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for role in ("generator", "fake"):
+        world.save(role, tmp)
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# Copied from dmd.py: evaluate
+@torch.no_grad()
+def evaluate(world, sigmas, n, seed):
+    """Student samples from fixed noise (same seed every time, so curves compare) and the world's metrics."""
+    gen = torch.Generator().manual_seed(seed)
+    cond = world.sample_cond(n, gen)
+    noise = world.noise(cond, gen)
+    samples = sample_student(world, cond, sigmas, noise, generator=gen)
+    return samples, cond, world.evaluate(samples, cond)
+
+
+def main(args):
+    args = resolve_defaults(args)
+    validate(args)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    torch.manual_seed(args.seed)
+    world = make_world(args, device)
+    if args.init_checkpoint is not None:
+        for role in ("generator", "fake"):
+            world.load(role, args.init_checkpoint)
+    run_dir = make_run_dir(args, "gdmd")
+    (run_dir / "config.json").write_text(json.dumps({"method": "gdmd", **asdict(args)}, indent=2))
+    sigmas = student_sigmas(world, args.student_steps)
+    opt_generator = torch.optim.AdamW(world.params("generator"), args.lr_generator, weight_decay=args.weight_decay_generator)
+    opt_fake = torch.optim.AdamW(world.params("fake"), args.lr_fake, weight_decay=0.0)
+    use_snapshots = args.group_source != "levels" and args.group_size > 1
+    snapshots = FakeSnapshots(args.group_size - 1 if use_snapshots else 0)
+
+    history = []
+    log = open(run_dir / "metrics.jsonl", "a")
+
+    def record(entry):
+        history.append(entry)
+        log.write(json.dumps(entry) + "\n")
+        log.flush()
+
+    _, _, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
+    record({"step": 0, **metrics})
+    save_checkpoint(world, run_dir, 0)
+    start = time.time()
+    bar = tqdm(range(1, args.num_steps + 1), desc="gdmd", disable=not args.progress, dynamic_ncols=True)
+    for step in bar:
+        gdmd_on = step > args.cold_start_steps
+        if step == args.cold_start_steps + 1:
+            fusion = "naive fusion (raw-sample reward)" if args.naive_fusion else f"{args.group_source} targets"
+            tqdm.write(f"gdmd: step {step}: cold start done, GDMD on ({fusion}, n={args.group_size}, "
+                       f"lambda={args.lambda_gdmd})")
+        try:
+            losses = train_step(world, args, sigmas, opt_generator, opt_fake, snapshots, gdmd_on)
+        except FloatingPointError as err:
+            log.close()
+            raise FloatingPointError(
+                f"{err} at step {step}; stopped. The last good checkpoint is {run_dir / 'checkpoint'}"
+            ) from None
+        if use_snapshots and step % args.snapshot_every == 0:
+            snapshots.push(world)
+        if step % args.log_every == 0:
+            record({"step": step, "time": time.time() - start, "gdmd": int(gdmd_on), **losses})
+            bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", fake=f"{losses['fake_loss']:.3f}")
+        if step % args.eval_every == 0 or step == args.num_steps:
+            samples, cond, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
+            record({"step": step, "time": time.time() - start, **metrics})
+            bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", ed=f"{metrics['energy_distance']:.4f}",
+                            reward=f"{metrics['mean_reward']:.3f}")
+            save_checkpoint(world, run_dir, step)
+    log.close()
+
+    name = "naive fusion" if args.naive_fusion else "gdmd"
+    world.plot_samples(samples, run_dir / "samples.png",
+                       f"{name}, {args.student_steps}-step student, step {args.num_steps} (GDMD from {args.cold_start_steps})")
+    world.plot_curves(history, ["dmd_loss", "nft_loss", "target_reward", "adv_abs", "fake_loss", "energy_distance",
+                                "mean_reward", "teacher_logp"], run_dir / "curves.png", name)
+    final = {k: v for k, v in history[-1].items()}
+    print(f"gdmd: done in {time.time() - start:.1f} s -> {run_dir}")
+    print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+    return {"run_dir": run_dir, "history": history, "final": final, "world": world}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
