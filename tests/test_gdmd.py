@@ -208,3 +208,76 @@ def test_non_finite_reward_stops_with_the_step_and_keeps_the_checkpoint(tmp_path
     with pytest.raises(FloatingPointError, match="gdmd_loss is nan at step 3"):
         gdmd.main(args)
     assert (tmp_path / "nan" / "checkpoint" / "generator.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# claims on the toy: one plain-DMD cold start, then three arms with the same budget from its checkpoint, three seeds.
+#   dmd    lambda_gdmd = 0   (group-averaged DMD: the same compute and random stream as GDMD, the reward term off)
+#   gdmd   lambda_gdmd = 0.2 (rewards scored on the DMD targets)
+#   naive  lambda_gdmd = 0.2, --naive-fusion (the raw sample's reward)
+# Each arm is summarised by the average of its evaluations after step 0 (every 25 steps, fixed evaluation noise),
+# which averages over the slow mode-mass oscillation that DMD itself shows on the ring.
+# ---------------------------------------------------------------------------------------------------------------------
+
+CLAIM = dict(batch_size=128, eval_samples=1000, progress=False)
+COLD_STEPS, ARM_STEPS, LAM, SEEDS = 400, 150, 0.2, (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def arms(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("gdmd_claims")
+    cold = gdmd.main(gdmd.Args(output_dir=str(out_dir), run_name="cold", num_steps=COLD_STEPS,
+                               cold_start_steps=COLD_STEPS, eval_every=COLD_STEPS, **CLAIM))
+    checkpoint = cold["run_dir"] / "checkpoint"
+    results = {}
+    for seed in SEEDS:
+        for arm, extra in (("dmd", dict(lambda_gdmd=0.0)), ("gdmd", dict(lambda_gdmd=LAM)),
+                           ("naive", dict(lambda_gdmd=LAM, naive_fusion=True))):
+            args = gdmd.Args(output_dir=str(out_dir), run_name=f"{arm}_{seed}", seed=seed, init_checkpoint=str(checkpoint),
+                             cold_start_steps=0, num_steps=ARM_STEPS, eval_every=25, **extra, **CLAIM)
+            try:
+                history = gdmd.main(args)["history"]
+            except FloatingPointError:  # a run that blows up has left the manifold for good
+                results[arm, seed] = {"reward": float("nan"), "logp": -math.inf, "diverged": True}
+                continue
+            evals = [r for r in history if "teacher_logp" in r and r["step"] > 0]
+            results[arm, seed] = {
+                "reward": statistics.mean(r["mean_reward"] for r in evals),
+                "logp": statistics.mean(r["teacher_logp"] for r in evals),
+                "diverged": False,
+            }
+    print("\n" + json.dumps({f"{a}/{s}": v for (a, s), v in results.items()}, indent=1))
+    return out_dir, results
+
+
+def test_run_directory_has_figures_and_both_stages(arms):
+    out_dir, _ = arms
+    run = out_dir / "gdmd_0"
+    for name in ("config.json", "metrics.jsonl", "samples.png", "curves.png", "checkpoint/generator.pt", "checkpoint/fake.pt"):
+        assert (run / name).exists(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["gdmd"] == 1 and "nft_loss" in r for r in records if "dmd_loss" in r)
+    cold = [json.loads(line) for line in (out_dir / "cold" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["gdmd"] == 0 and "nft_loss" not in r for r in cold if "dmd_loss" in r)
+
+
+def test_gdmd_raises_reward_over_dmd_and_keeps_teacher_logp(arms):
+    _, res = arms
+    diffs = [res["gdmd", s]["reward"] - res["dmd", s]["reward"] for s in SEEDS]
+    # Paired over seeds (same checkpoint, same random stream): a one-sided t-test at 5 % with 2 degrees of freedom
+    # needs mean / (sd / sqrt(3)) > 2.92.
+    t_stat = statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(len(diffs)))
+    assert all(d > 0 for d in diffs) and t_stat > 2.92, (diffs, t_stat)
+    # "Near": GDMD's teacher log-density (seed mean) is no lower than DMD-only's by more than DMD-only's own
+    # seed-to-seed spread (sample sd over the seeds).
+    logp_dmd = [res["dmd", s]["logp"] for s in SEEDS]
+    logp_gdmd = [res["gdmd", s]["logp"] for s in SEEDS]
+    assert statistics.mean(logp_gdmd) >= statistics.mean(logp_dmd) - statistics.stdev(logp_dmd), (logp_gdmd, logp_dmd)
+
+
+def test_naive_fusion_leaves_the_manifold_more_than_gdmd(arms):
+    # What held on every seed we tried (0-3 at these settings): scoring the raw sample lowers the teacher
+    # log-density below GDMD's (on some seeds it diverges). Its reward is reported, not asserted.
+    _, res = arms
+    for s in SEEDS:
+        assert res["naive", s]["logp"] < res["gdmd", s]["logp"], (s, res["naive", s], res["gdmd", s])
