@@ -76,7 +76,7 @@ VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1]
 The algorithm sees only x0-predictions, world.renoise and world.reward, so it is identical on every world.
 
 Toy default (ring8, linear reward r = x_1): 750 plain-DMD cold-start updates, then 750 GDMD updates, n = 4 levels,
-lambda_gdmd = 0.05. Measured results are in README.md (GDMD section).
+lambda_gdmd = 0.2. Measured results are in README.md (GDMD section).
 """
 
 import json
@@ -146,7 +146,7 @@ class Args:
     group_source: str = "levels"
     """where the n targets differ: levels (renoise levels), snapshots (fake-score snapshots), both"""
     lambda_gdmd: Optional[float] = None
-    """weight of the NFT-style reward loss (toy2d: 0.05); 0 gives group-averaged DMD"""
+    """weight of the NFT-style reward loss (toy2d: 0.2); 0 gives group-averaged DMD"""
     adv_clip: float = 5.0
     """A_max: advantages are clipped to [-A_max, A_max] (DiffusionNFT: 5)"""
     snapshot_every: int = 10
@@ -177,7 +177,7 @@ class Args:
 MODEL_DEFAULTS = {
     "toy2d": dict(
         num_steps=1500, cold_start_steps=750, batch_size=256, lr_generator=1e-3, lr_fake=1e-3, guidance_scale=1.0,
-        lambda_gdmd=0.05,
+        lambda_gdmd=0.2,
     ),
 }
 

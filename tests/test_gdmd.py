@@ -181,6 +181,16 @@ def test_snapshots_swap_in_and_restore_exactly():
     assert gdmd.group_advantages(r, 5.0).abs().max() == 0
 
 
+def test_marked_copies_agree_with_dmd():
+    import inspect
+    import re
+
+    names = re.findall(r"^# Copied from dmd.py: (\w+)$", inspect.getsource(gdmd), re.M)
+    assert {"dmd_grad", "dmd_loss", "fake_score_loss", "dmd_generator_loss", "generator_sample"} <= set(names)
+    for name in names:
+        assert inspect.getsource(getattr(gdmd, name)) == inspect.getsource(getattr(dmd, name)), name
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # bad input and failures
 # ---------------------------------------------------------------------------------------------------------------------
