@@ -643,7 +643,8 @@ def main(args, world=None):
     for step in range(1, total + 1):
         stage = 1 if step <= args.stage1_steps else 2
         if stage == 2 and step == args.stage1_steps + 1:
-            msg = f"dmdr: stage 2 (joint {'DMD + ' if args.dmd else ''}RL, --rl {args.rl}) from step {step}"
+            what = "RL only" if not args.dmd else ("DMD only" if args.rl == "none" else "joint DMD + RL")
+            msg = f"dmdr: stage 2 ({what}, --rl {args.rl}) from step {step}"
             bar.set_description("dmdr stage 2")
             tqdm.write(msg) if args.progress else print(msg)
             ref_values = [p.detach().clone() for p in world.params("generator")]  # DPO's frozen reference
