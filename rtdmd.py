@@ -1,6 +1,6 @@
 """RTDMD: Reward-Tilted Distribution Matching Distillation of a flow teacher into a K-step student (Huang et al. 2026).
 
-    python rtdmd.py                                   # toy world: stage 1 (AC-DMD) then stage 2 (RL), ~1 min on 2 CPU cores
+    python rtdmd.py                                   # toy world: stage 1 (AC-DMD) then stage 2 (RL), ~70 s on 2 CPU cores
     python rtdmd.py --beta 0.5 --toy-reward-angle 90  # another tilt
     python rtdmd.py --naive-grpo                      # table 4 rows: naive GRPO on all K-1 stochastic steps
     python rtdmd.py --subset-size 1                   #               SubGRPO with M = 1
@@ -25,20 +25,24 @@ The algorithm
       deterministic last step (L_det, eq. 15). --naive-grpo: every step independent and used (appendix H).
 
 Which target does stage 2 converge to (the temperature of the tilt)
-    Eq. 7: grad KL(p_theta || p~) = grad KL(p_theta || p) - beta grad E[r], so p~ = p exp(beta r) / Z is the minimiser
-    only when both terms carry their natural scale. Two common normalisations break that silently:
-      * DMD2 divides each sample's score difference by mean|x - x0_real| and dmd_loss averages over the data dimension:
-        the distribution term then has an arbitrary, sample-dependent scale, i.e. an unknown temperature;
-      * GRPO divides advantages by the group's reward std: E[A grad log pi] = grad E[r] / std, another scale.
-    --dm-scale kl uses the un-normalised ambient KL gradient  alpha_k(t) (s_fake - s_real)  summed over dimensions
-    (eq. 9 with lambda_k = 1) and --advantage center uses (r_i - mean r) N / (N - 1) (a leave-one-out baseline: unbiased
-    for grad E[r], also with SubGRPO's shared noise). Then descending eq. 18 descends
-        E_t KL(p_theta,t || p_t) - beta E[r],
-    whose minimiser equals p exp(beta r) / Z in the limit of low noise levels only: ambient KLs at high t shrink (data
-    processing inequality), so the noisy-marginal term pushes back less than the data KL would. On the toy we measure how
-    close the student gets to the exact tilt with the SAME beta (see the report / tests). The toy defaults use this
-    "kl"/"center" setting; the paper's normalised setting (--dm-scale dmd2 --advantage std) is available and is what the
-    t2i presets will use, with the understanding that its beta is then a knob, not the tilt's temperature.
+    Eq. 7: grad KL(p_theta || p~) = grad KL(p_theta || p) - beta grad E[r], so descending the sum reaches
+    p~ = p exp(beta r) / Z with the SAME beta only if both terms carry their natural scale and the KL is the KL of the
+    output distribution p_theta. Three common choices break that silently, each an unknown change of temperature:
+      * DMD2 divides each sample's score difference by mean|x - x0_real| and dmd_loss averages over the data dimension;
+      * GRPO divides advantages by the group's reward std: E[A grad log pi] = grad E[r] / std;
+      * AC-DMD matches the intermediate states' marginals to the UNTILTED teacher's (the tilted target's are different).
+    The toy defaults therefore use, in stage 2: --dm-scale kl (eq. 9 un-normalised, lambda = 1: per sample
+    alpha_k(t) (s_fake - s_real), summed over dimensions), --advantage center (r_i - mean of the others: unbiased, also
+    under SubGRPO's shared noise; tests check the hybrid estimator's mean against the pathwise gradient) and
+    --rl-dm-full-chain (the DM term on the final samples, differentiated through all K steps: the pathwise gradient of
+    the output's KL). Stage 2 then descends  E_t KL(p_theta,t || p_t) - beta E[r],  t ~ U[renoise_min, rl_renoise_max].
+    Its minimiser is p~ with beta itself in the limit t -> 0 only: at a level t the ambient KL pushes back on a tilt
+    by the factor alpha_t J_t <= 1 (J_t = d E[x0 | x_t] / d x_t; to first order in beta, at p_theta = p~ the DM gradient
+    is alpha_t J_t beta grad r against the reward's beta grad r), and mode weights are only seen while modes are
+    separated. The fixed point is thus MORE tilted than p~ (an effective beta_eff > beta); a lower rl_renoise_max
+    shrinks the gap at the price of a harder fake score. The paper's normalised setting (--dm-scale dmd2 --advantage
+    std --no-rl-dm-full-chain) is available (the t2i default); its beta is a knob, not a temperature (on the toy, beta = 1
+    with it diverges: the reward term dominates the normalised DM term).
 
 Corrections of the paper's text (the official code agrees with ours)
     * Eq. 8 / appendix B renoise x_{t_k} to t with std (t - t_k) / (1 - t_k): that adds noise *standard deviations*;
@@ -96,7 +100,7 @@ class Args:
     """CPS stochasticity in [0, 1]: 0 Euler ODE, 1 consistency sampler (paper: 0.9)"""
     # ---- stage 1: AC-DMD ----
     cold_steps: Optional[int] = None
-    """stage 1 generator updates (toy2d: 600; paper: 1500)"""
+    """stage 1 generator updates (toy2d: 400; paper: 1500)"""
     batch_size: Optional[int] = None
     """samples per AC-DMD generator / fake update (toy2d: 256)"""
     lr_generator: Optional[float] = None
@@ -122,7 +126,7 @@ class Args:
     as the official code) (toy2d: kl)"""
     # ---- stage 2: reward-tilted KL ----
     rl_steps: Optional[int] = None
-    """stage 2 generator updates (toy2d: 400; paper: 1000)"""
+    """stage 2 generator updates (toy2d: 300; paper: 1000)"""
     lr_generator_rl: Optional[float] = None
     """stage 2 generator learning rate (toy2d: 3e-4; paper: 3e-6)"""
     beta: float = 1.0
@@ -145,6 +149,13 @@ class Args:
     """PPO ratio clip epsilon (paper: 1e-5)"""
     dm_weight_rl: float = 1.0
     """weight of the AC-DMD term in stage 2 (eq. 18: 1)"""
+    rl_renoise_max: Optional[float] = None
+    """stage 2 (with rl_dm_full_chain): highest pre-shift renoise time of the output's ambient KL. The KL of eq. 7 is
+    the t -> 0 limit; high levels push back less (see the docstring), so a lower maximum tilts closer to beta
+    (toy2d: 0.98, as stage 1; 0.5 tilts closer to beta but converges ~2x slower)"""
+    rl_dm_full_chain: Optional[bool] = None
+    """stage 2: distribution matching on the final samples only, differentiated through all K steps, i.e. the gradient
+    of the output distribution's KL that eq. 7 asks for; False: AC-DMD at a random step as in stage 1 (toy2d: True)"""
     grad_clip: float = 1.0
     """gradient-norm clipping of both adapters (0: off)"""
     # ---- run ----
@@ -168,8 +179,9 @@ class Args:
 
 MODEL_DEFAULTS = {
     "toy2d": dict(
-        cold_steps=600, batch_size=256, lr_generator=1e-3, lr_fake=1e-3, guidance_scale=1.0, dm_scale="kl",
-        rl_steps=400, lr_generator_rl=3e-4, groups=16, group_size=16, advantage="center",
+        cold_steps=400, batch_size=256, lr_generator=1e-3, lr_fake=1e-3, guidance_scale=1.0, dm_scale="kl",
+        rl_steps=300, lr_generator_rl=3e-4, groups=16, group_size=16, advantage="center", rl_dm_full_chain=True,
+        rl_renoise_max=0.98,
     ),
 }
 
@@ -241,9 +253,10 @@ def sample_student(world, cond, schedule, eta, noise, stop=None, noises=None, ge
     return x
 
 
-def generator_state(world, cond, schedule, eta, noise, k):
-    """Backward simulation for step k in 1..K: steps 1..k-1 without grad, step k WITH grad. Returns x_{t_k} (n, ...)."""
-    with torch.no_grad():
+def generator_state(world, cond, schedule, eta, noise, k, full_chain=False):
+    """Backward simulation for step k in 1..K: steps 1..k-1 without grad, step k WITH grad. Returns x_{t_k} (n, ...).
+    full_chain=True differentiates all k steps (the pathwise derivative of x_{t_k} w.r.t. theta, noise held fixed)."""
+    with torch.set_grad_enabled(full_chain and torch.is_grad_enabled()):
         x = sample_student(world, cond, schedule, eta, noise, stop=k - 1)
     x0 = world.x0("generator", x, schedule[k - 1], cond)
     if schedule[k] == 0:
@@ -262,10 +275,11 @@ def ambient_renoise(world, x_s, s, t, eps):
     return a * x_s + (t**2 - a**2 * s**2).clamp(min=0).sqrt() * eps
 
 
-def renoise_levels(world, s_time, n, args, device):
+def renoise_levels(world, s_time, n, args, device, hi=None):
     """Pre-shift renoise times t in [t_k, renoise_max] (k = K: [renoise_min, renoise_max]) -> noise levels (n,)."""
     lo = max(s_time, args.renoise_min)
-    u = lo + (args.renoise_max - lo) * torch.rand(n, device=device)
+    hi = args.renoise_max if hi is None else hi
+    u = lo + (hi - lo) * torch.rand(n, device=device)
     return world.sigma(u)
 
 
@@ -359,22 +373,22 @@ def fake_score_loss(world, x0, cond, t, adapter_scale=1.0):
     return (world.loss_weight(sigma) * per_sample).mean()
 
 
-def pick_step(schedule):
-    """A student step k uniform in 1..K, and its pre-shift time t_k (for the renoise range)."""
+def pick_step(schedule, last=False):
+    """A student step k uniform in 1..K (last: k = K), and its pre-shift time t_k (for the renoise range)."""
     big_k = len(schedule) - 1
-    k = int(torch.randint(1, big_k + 1, (1,)))
+    k = big_k if last else int(torch.randint(1, big_k + 1, (1,)))
     return k, 1.0 - k / big_k
 
 
-def fake_update(world, args, schedule, opt_fake):
+def fake_update(world, args, schedule, opt_fake, last=False):
     """One fake-score update (eq. 12): AC-DMD's ambient DSM on a fresh detached student state + gamma * consistency."""
     n = args.batch_size
-    k, s_time = pick_step(schedule)
+    k, s_time = pick_step(schedule, last)
     cond = world.sample_cond(n)
     with torch.no_grad():
         x_s = generator_state(world, cond, schedule, args.eta, world.noise(cond), k)
     s = schedule[k]
-    t = renoise_levels(world, s_time, n, args, x_s.device)
+    t = renoise_levels(world, s_time, n, args, x_s.device, args.rl_renoise_max if last else None)
     loss, x_t, x0_fake = ambient_fake_loss(world, x_s, s, cond, t)
     cons = consistency_loss(world, x_t, t, x0_fake, cond, args.consistency_gap) if args.gamma > 0 else loss.new_zeros(())
     total = loss + args.gamma * cons
@@ -386,13 +400,14 @@ def fake_update(world, args, schedule, opt_fake):
     return loss.item(), cons.item()
 
 
-def acdmd_loss_batch(world, args, schedule):
-    """AC-DMD generator loss on a fresh batch at a random student step k. Returns (loss with grad, k)."""
+def acdmd_loss_batch(world, args, schedule, full_chain=False):
+    """AC-DMD generator loss on a fresh batch at a random student step k (full_chain: the final samples, k = K,
+    differentiated through every step). Returns (loss with grad, k)."""
     n = args.batch_size
-    k, s_time = pick_step(schedule)
+    k, s_time = pick_step(schedule, last=full_chain)
     cond = world.sample_cond(n)
-    x_s = generator_state(world, cond, schedule, args.eta, world.noise(cond), k)
-    t = renoise_levels(world, s_time, n, args, x_s.device)
+    x_s = generator_state(world, cond, schedule, args.eta, world.noise(cond), k, full_chain)
+    t = renoise_levels(world, s_time, n, args, x_s.device, args.rl_renoise_max if full_chain else None)
     return acdmd_generator_loss(world, x_s, schedule[k], cond, t, args.guidance_scale, args.eta, args.dm_scale), k
 
 
@@ -482,7 +497,7 @@ def rl_update(world, args, schedule, opt_generator):
     rewards = world.reward(x0, cond)
     adv = group_advantages(rewards, args.group_size, args.advantage, args.advantage_clip)
     stoc, det = hybrid_policy_objective(world, cond, schedule, args.eta, states, mask, adv, args.clip_range, args.use_det)
-    dm, k = acdmd_loss_batch(world, args, schedule)
+    dm, k = acdmd_loss_batch(world, args, schedule, args.rl_dm_full_chain)
     loss = args.dm_weight_rl * dm - args.beta * (stoc + det)
     check_finite(loss, "rl_loss")
     opt_generator.zero_grad(set_to_none=True)
@@ -506,7 +521,8 @@ def cold_update(world, args, schedule, opt_generator):
 
 def train_step(world, args, schedule, stage, opt_generator, opt_fake):
     """One RTDMD iteration (algorithm 1): TTUR fake-score updates, then one generator update of the stage."""
-    fake, cons = zip(*[fake_update(world, args, schedule, opt_fake) for _ in range(args.fake_updates_per_step)])
+    last = stage == 2 and args.rl_dm_full_chain  # the fake tracks the distribution that is matched
+    fake, cons = zip(*[fake_update(world, args, schedule, opt_fake, last) for _ in range(args.fake_updates_per_step)])
     logs = cold_update(world, args, schedule, opt_generator) if stage == 1 else rl_update(world, args, schedule, opt_generator)
     return {**logs, "fake_loss": sum(fake) / len(fake), "consistency": sum(cons) / len(cons)}
 
@@ -576,6 +592,8 @@ def validate(args):
             raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.renoise_min < args.renoise_max <= 1.0:
         raise ValueError(f"need 0 <= renoise_min < renoise_max <= 1, got {args.renoise_min}, {args.renoise_max}")
+    if not args.renoise_min < args.rl_renoise_max <= 1.0:
+        raise ValueError(f"need renoise_min < rl_renoise_max <= 1, got {args.rl_renoise_max}")
     if not 0.0 < args.consistency_gap < 1.0:
         raise ValueError(f"consistency_gap must be in (0, 1), got {args.consistency_gap}")
     if args.dm_scale not in ("kl", "dmd2"):

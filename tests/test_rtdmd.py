@@ -432,3 +432,35 @@ def test_marked_copies_are_identical_to_dmd():
     assert {"dmd_grad", "dmd_loss", "fake_score_loss"} <= set(marked)
     for name in marked:
         assert ours[name] == theirs[name], name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's central claim on the toy: stage 2 moves the student to the exact reward-tilted teacher
+# ---------------------------------------------------------------------------------------------------------------
+
+CLAIM_BUDGET = dict(cold_steps=200, rl_steps=200, eval_every=10_000, eval_samples=2000)
+
+
+def test_stage2_reaches_the_exact_reward_tilted_teacher(tmp_path):
+    """Linear reward on the 8-mode ring, beta = 1 (the default): p~ = p exp(r) / Z puts 41% / 23% / 5.5% of the mass on
+    the modes at 0 / +-45 / +-90 degrees (p: 12.5% each). After both stages (200 + 200 updates here):
+      * the student's energy distance to p~ is at most a third of its distance to the untilted p (the claim; measured
+        0.05 vs 0.8 on this seed);
+      * every mode of p~ with more than 5% of the mass is covered and its share is closer to its tilted share than to the
+        untilted 1/8 (the student moved its mass to the tilt, mode by mode).
+    NOT reproduced: "every such mode within 25% of its tilted share": the measured relative errors are 0.17, 0.29,
+    0.18, 0.41, 0.02 (the 45 and 315 degree modes get 0.16 and 0.23 for 0.226 each), the size of DMD's own mode-mass
+    errors after stage 1 (max 0.35-0.42, as dmd.py's), and stage 2 keeps tilting past p~ (beta_eff > beta, see rtdmd.py's
+    docstring). 4000 student samples against 4000 exact samples of p~ / p (the world's evaluate)."""
+    out = rtdmd.main(rtdmd.Args(output_dir=str(tmp_path), progress=False, seed=0, **CLAIM_BUDGET))
+    world = out["world"]
+    schedule = rtdmd.student_schedule(world, 4)
+    samples, cond, metrics = rtdmd.evaluate(world, schedule, 0.9, 4000, seed=123, beta=1.0)
+    assert metrics["energy_distance_tilted"] <= metrics["energy_distance"] / 3, metrics
+    tilted = world.reward_fn.tilt(world.mixture, 1.0)
+    masses = toy2d.mode_masses(samples, tilted)
+    big = tilted.weights > 0.05
+    assert bool((masses[big] >= 0.1 * tilted.weights[big]).all()), masses
+    closer = (masses - tilted.weights).abs() < (world.mixture.weights - tilted.weights).abs()
+    assert bool(closer[big].all()), (masses, tilted.weights)
+    assert (out["run_dir"] / "samples.png").exists() and (out["run_dir"] / "samples_cold_start.png").exists()
