@@ -2,10 +2,15 @@
 
     python rtdmd.py                                   # toy world: stage 1 (AC-DMD) then stage 2 (RL), ~70 s on 2 CPU cores
     python rtdmd.py --beta 0.5 --toy-reward-angle 90  # another tilt
-    python rtdmd.py --naive-grpo                      # table 4 rows: naive GRPO on all K-1 stochastic steps
-    python rtdmd.py --subset-size 1                   #               SubGRPO with M = 1
-    python rtdmd.py --no-use-det                      #               drop L_det (no reward back-propagation)
-    python rtdmd.py --rl-steps 0 --gamma 0            # A-DMD cold start only (table 3's first row)
+    # table 4 of the paper, one command per row (add --seed, --output-dir as needed):
+    python rtdmd.py --rl-steps 0                      #   cold start (AC-DMD only)
+    python rtdmd.py --naive-grpo --no-use-det         #   w/ GRPO (all K-1 steps, independent noise)
+    python rtdmd.py --subset-size 1 --no-use-det      #   w/ SubGRPO (M = 1)
+    python rtdmd.py --subset-size 1                   #     + L_det
+    python rtdmd.py --no-use-det                      #   w/ SubGRPO (M = 2)
+    python rtdmd.py                                   #     + L_det (the default)
+    python rtdmd.py --rl-steps 0 --gamma 0            # table 3: A-DMD (no consistency regulariser)
+    python rtdmd.py --dm-scale dmd2 --advantage std --rl-dm-full-chain False   # paper scales
     python rtdmd.py --help                            # every option, with its default
 
 A run writes runs/rtdmd__<model>__<seed>__<time>/: config.json, metrics.jsonl, checkpoint/ (generator and fake
@@ -37,12 +42,14 @@ Which target does stage 2 converge to (the temperature of the tilt)
     --rl-dm-full-chain (the DM term on the final samples, differentiated through all K steps: the pathwise gradient of
     the output's KL). Stage 2 then descends  E_t KL(p_theta,t || p_t) - beta E[r],  t ~ U[renoise_min, rl_renoise_max].
     Its minimiser is p~ with beta itself in the limit t -> 0 only: at a level t the ambient KL pushes back on a tilt
-    by the factor alpha_t J_t <= 1 (J_t = d E[x0 | x_t] / d x_t; to first order in beta, at p_theta = p~ the DM gradient
-    is alpha_t J_t beta grad r against the reward's beta grad r), and mode weights are only seen while modes are
-    separated. The fixed point is thus MORE tilted than p~ (an effective beta_eff > beta); a lower rl_renoise_max
-    shrinks the gap at the price of a harder fake score. The paper's normalised setting (--dm-scale dmd2 --advantage
-    std --no-rl-dm-full-chain) is available (the t2i default); its beta is a knob, not a temperature (on the toy, beta = 1
-    with it diverges: the reward term dominates the normalised DM term).
+    by the factor alpha_t J_t (J_t = d E[x0 | x_t] / d x_t; to first order in beta, at p_theta = p~ the DM gradient
+    is alpha_t J_t beta grad r against the reward's beta grad r; inside a Gaussian mode of std s the factor is
+    alpha_t^2 s^2 / (alpha_t^2 s^2 + t^2) < 1), and mode weights are only seen while modes are separated.
+    The fixed point is thus MORE tilted than p~ (an effective beta_eff > beta); a lower rl_renoise_max shrinks the gap
+    at the price of a harder fake score (measured on the toy: see the README section / tests/test_rtdmd.py).
+    The paper's normalised setting (--dm-scale dmd2 --advantage std --rl-dm-full-chain False) is available (meant for
+    the t2i presets); its beta is a knob, not a temperature (on the toy, beta = 1 with it diverges: the reward term
+    dominates the normalised DM term).
 
 Corrections of the paper's text (the official code agrees with ours)
     * Eq. 8 / appendix B renoise x_{t_k} to t with std (t - t_k) / (1 - t_k): that adds noise *standard deviations*;
@@ -248,8 +255,10 @@ def sample_student(world, cond, schedule, eta, noise, stop=None, noises=None, ge
     x = noise
     for k in range(1, stop + 1):
         x0 = world.x0("generator", x, schedule[k - 1], cond)
+        if schedule[k] == 0:  # the deterministic last step (t_K = 0)
+            return x0
         z = noises[k - 1] if noises is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = cps_step(x, x0, schedule[k - 1], schedule[k], eta, z) if schedule[k] > 0 else x0
+        x = cps_step(x, x0, schedule[k - 1], schedule[k], eta, z)
     return x
 
 
@@ -489,7 +498,6 @@ def hybrid_policy_objective(world, cond, schedule, eta, states, mask, advantages
 
 def rl_update(world, args, schedule, opt_generator):
     """One stage 2 generator update: descend AC-DMD - beta (SubGRPO + L_det) (eq. 18). Returns logs."""
-    n_traj = args.groups * args.group_size
     big_k = len(schedule) - 1
     cond = world.sample_cond(args.groups).repeat_interleave(args.group_size, 0)  # one condition per group
     x_start, noises, mask = group_noises(world, cond, big_k, args.group_size, args.subset_size, args.naive_grpo)
@@ -504,7 +512,6 @@ def rl_update(world, args, schedule, opt_generator):
     loss.backward()
     clip(world.params("generator"), args.grad_clip)
     opt_generator.step()
-    assert n_traj == rewards.shape[0]
     return {"dm_loss": dm.item(), "stoc": stoc.item(), "det": det.item(), "reward": rewards.mean().item(), "student_step": k}
 
 

@@ -6,7 +6,6 @@ Monte-Carlo bounds: a mean of n i.i.d. values is compared with its target within
 has probability ~7e-6 per comparison for a Gaussian mean), unless a comment derives another bound."""
 
 import ast
-import inspect
 import math
 from pathlib import Path
 
@@ -350,22 +349,21 @@ def single_step_estimates(world, schedule, k, shared, groups, group_size, seed):
     return g.reshape(groups, group_size, -1).mean(1)
 
 
-def test_shared_noise_lowers_each_steps_variance_but_subgrpo_as_a_whole_is_not_lower_on_the_toy():
-    """SubGRPO's mechanism (sec. 3.2): sharing the noise of the other steps within a group removes their reward variation
-    from step k's advantage, so the variance of step k's REINFORCE term drops, for every stochastic step k (by more than
-    4.5 combined SE; same groups x size). The paper's conclusion that the whole SubGRPO estimator (a random subset of
-    M = 2 of the 3 steps, scaled by (K-1)/M) has a lower variance than naive GRPO at the same number of trajectories does
-    NOT reproduce here: the subset sampling adds more variance than the shared noise removes (measured ratio ~1.3).
-    We assert what we measured, with the same SE margin, so a change in either direction is noticed."""
+def test_shared_noise_lowers_the_variance_of_every_steps_term():
+    """SubGRPO's mechanism (sec. 3.2): sharing the noise of the other steps (and the start) within a group removes their
+    reward variation from step k's advantage, so the variance of step k's REINFORCE term drops, for every stochastic
+    step k, by more than 4.5 combined SE (4000 groups of 8 each way; measured ratios ~0.68, 0.66, 0.53).
+    NOT asserted, because it did not reproduce: the paper's conclusion that the whole SubGRPO estimator (a random subset
+    of M = 2 of the 3 steps, scaled by (K-1)/M) has a lower variance than naive GRPO at the same number of trajectories.
+    Measured total variance of the per-group stochastic estimate, SubGRPO vs naive: 0.33 / 0.38 vs 0.28 / 0.26
+    (1000 groups, seeds 2 / 3), 0.76 vs 0.62 (4000 groups, seed 3): higher every time (the subset sampling adds more
+    variance than the shared noise removes); the estimates are heavy-tailed, so no bound is claimed either way."""
     world = student_world()
     schedule = rtdmd.student_schedule(world, 4)
     for k in (1, 2, 3):
         v_ind, se_ind = variance_and_se(single_step_estimates(world, schedule, k, False, 4000, 8, seed=5))
         v_sh, se_sh = variance_and_se(single_step_estimates(world, schedule, k, True, 4000, 8, seed=5))
         assert float(v_ind - v_sh) > Z * float((se_ind**2 + se_sh**2).sqrt()), (k, v_ind, v_sh)
-    v_sub, se_sub = variance_and_se(hybrid_gradient(world, schedule, 0.9, 4000, 8, 2, False, seed=3)[0])
-    v_naive, se_naive = variance_and_se(hybrid_gradient(world, schedule, 0.9, 4000, 8, 2, True, seed=3)[0])
-    assert float(v_sub - v_naive) > Z * float((se_sub**2 + se_naive**2).sqrt()), (v_sub, v_naive)
 
 
 def test_equal_rewards_give_zero_advantages_not_nan():
