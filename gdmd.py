@@ -76,7 +76,12 @@ VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1]
 The algorithm sees only x0-predictions, world.renoise and world.reward, so it is identical on every world.
 
 Toy default (ring8, linear reward r = x_1): 750 plain-DMD cold-start updates, then 750 GDMD updates, n = 4 levels,
-lambda_gdmd = 0.2. Measured results are in README.md (GDMD section).
+lambda_gdmd = 0.2; about 65-75 s on 2 shared CPU cores. Measured (ring8 spread 0.25; tests/test_gdmd.py's protocol:
+shared 400-step DMD checkpoint, 150 updates per arm, batch 128, mean of the evaluations): GDMD - DMD-only mean reward
++0.18 / +0.36 / +0.28 (seeds 0-2), teacher log-density +0.16 / -0.02 / +0.13; naive fusion's log-density is 0.20-0.26
+below GDMD's on every seed. DMD itself sloshes mode mass on the ring (reward swings of +-0.3 between evaluations), so
+single evaluations of one seed can show no gain (default run, seed 0: -0.04 averaged over its last three evaluations).
+The "snapshots" and "both" sources left the manifold on the toy (teacher log-density -3.3 / -7.8 against -3.0).
 """
 
 import json
