@@ -46,7 +46,8 @@ reward 0, mean teacher log-density -2.13):
     stage 2, 200 steps from the RT-DM checkpoint: joint DMD + ReFL reward 1.39 / 1.71 / 1.86 at log-density -2.3 / -3.8 /
         -3.2, DMD only 0.0 / 0.2 / 0.4 at -2.4 / -2.8 / -2.5, ReFL alone 5e8 to 6e9 at below -1e18 (reward hacking);
     cold start from a student shifted off the teacher (ED ~9): energy distance after 36 steps, mean of seeds 1-5,
-        DynaDG + DynaRS 0.081 vs plain DMD 0.129 (behind in 2 of 5 seeds; the gain comes from DynaRS).
+        DynaDG + DynaRS 0.081 vs plain DMD 0.129 (behind in 2 of 5 seeds; in one seed run per component, DynaRS
+        alone gave the gain and DynaDG alone none).
     DPO and GRPO raise the reward (RL only: +1.4 to +2.0 in 20 steps) but joint runs from the teacher-initialised student
     are unstable on the toy at lambda_rl = 0.5 and 0.1 (log-density swings to -30 and back); ReFL is the default.
 
