@@ -436,7 +436,7 @@ def test_marked_copies_are_identical_to_dmd():
 # The paper's central claim on the toy: stage 2 moves the student to the exact reward-tilted teacher
 # ---------------------------------------------------------------------------------------------------------------
 
-CLAIM_BUDGET = dict(cold_steps=200, rl_steps=200, eval_every=10_000, eval_samples=2000)
+CLAIM_BUDGET = dict(cold_steps=400, rl_steps=500, eval_every=10_000, eval_samples=2000)
 
 
 def test_stage2_reaches_the_exact_reward_tilted_teacher(tmp_path):
