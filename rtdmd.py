@@ -2,7 +2,9 @@
 
     python rtdmd.py                                   # toy world: stage 1 (AC-DMD) then stage 2 (RL), ~80 s on 2 CPU cores
     python rtdmd.py --beta 0.5 --toy-reward-angle 90  # another tilt
-    # table 4 of the paper, one command per row (add --seed, --output-dir as needed):
+    # table 4 of the paper, one command per row (add --seed, --output-dir as needed). On the toy the rows without L_det
+    # diverge at the default stage 2 lr 3e-4 (the policy-gradient noise alone drives the adapter off the manifold):
+    # add --lr-generator-rl 3e-5 to EVERY row for a like-for-like table (the paper uses 3e-6 on SD).
     python rtdmd.py --rl-steps 0                      #   cold start (AC-DMD only)
     python rtdmd.py --naive-grpo --no-use-det         #   w/ GRPO (all K-1 steps, independent noise)
     python rtdmd.py --subset-size 1 --no-use-det      #   w/ SubGRPO (M = 1)
