@@ -148,7 +148,7 @@ def test_ambient_fake_loss_at_s0_is_dmd_fake_score_loss():
     ours, _, _ = rtdmd.ambient_fake_loss(world, x0, 0.0, cond, t)
     torch.manual_seed(6)
     theirs = rtdmd.fake_score_loss(world, x0, cond, t)
-    assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
