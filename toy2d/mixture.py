@@ -136,7 +136,7 @@ class GaussianMixture:
 # ---- the named mixtures ----
 
 
-def ring8(spread=0.15, radius=2.0, n_classes=0):
+def ring8(spread=0.25, radius=2.0, n_classes=0):
     """8 equal modes on a circle of the given radius; with n_classes > 0 mode k has label k % n_classes."""
     angle = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
     means = radius * torch.stack([angle.cos(), angle.sin()], -1)
@@ -144,7 +144,7 @@ def ring8(spread=0.15, radius=2.0, n_classes=0):
     return GaussianMixture(means, torch.ones(8), spread, classes, n_classes)
 
 
-def grid25(spread=0.1, extent=2.0, n_classes=0):
+def grid25(spread=0.15, extent=2.0, n_classes=0):
     """A 5 x 5 grid on [-extent, extent]^2 with unequal weights: weight grows 1..9 from the bottom-left corner
     along the diagonal (w_ij proportional to 1 + i + j), so the heaviest mode carries 9x the lightest."""
     lin = torch.linspace(-extent, extent, 5, dtype=torch.float64)
