@@ -1,0 +1,246 @@
+"""eval.py: its toy metrics on cases with known answers, the end-to-end evaluation of real (tiny) run directories of
+every method, and clear errors for bad run directories.
+
+Tolerances: a metric's Monte-Carlo mean over R independent repeats is compared with its exact expectation within
+4 standard errors (SE = sample std / sqrt(R)); a false failure then has probability < 1e-4 per check (t-distribution,
+R >= 20 repeats: P(|t| > 4) < 1e-3 at R = 20, < 2e-4 at R = 30). Exact identities (a set against itself, the
+reproduction of a run's own last evaluation) are checked to rounding.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+import eval as ev
+import toy2d
+from toy2d.mixture import GaussianMixture
+
+Z = 4.0  # standard errors
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one torch thread is as fast as two and does not fight the other processes on a 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def within(values, expected, z=Z):
+    """|mean(values) - expected| <= z SE of the mean; returns (ok, mean, se) for the assertion message."""
+    v = torch.tensor(values, dtype=torch.float64)
+    mean, se = float(v.mean()), float(v.std() / math.sqrt(len(values)))
+    return abs(mean - expected) <= z * se, mean, se
+
+
+def gaussian_world(std=1.0):
+    """A toy world whose teacher is one isotropic 2-D Gaussian N(0, std^2 I): energy distances in closed form."""
+    world = toy2d.ToyWorld("ring8")
+    world.mixture = GaussianMixture([[0.0, 0.0]], [1.0], std)
+    return world
+
+
+def rice_mean(delta, var):
+    """E|X - Y| for X - Y ~ N(delta e_1, var I) in 2-D (the Rice distribution's mean):
+    s sqrt(pi/2) L_{1/2}(-delta^2 / (2 s^2)), L_{1/2}(-x) = e^{-x/2} [(1 + x) I0(x/2) + x I1(x/2)], s^2 = var."""
+    x = torch.tensor(delta**2 / (2 * var), dtype=torch.float64)
+    laguerre = torch.exp(-x / 2) * ((1 + x) * torch.special.i0(x / 2) + x * torch.special.i1(x / 2))
+    return float(math.sqrt(var) * math.sqrt(math.pi / 2) * laguerre)
+
+
+# ---- metrics on known cases ----
+
+
+def test_a_set_against_itself_is_exactly_zero():
+    """The V-statistic 2 E|x - y| - E|x - x'| - E|y - y'| of a set with itself is 0 to rounding."""
+    x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+    assert abs(toy2d.energy_distance(x, x)) < 1e-12
+
+
+def test_exact_teacher_samples_sit_at_the_noise_floor():
+    """A perfect student (exact teacher samples, independent of the reference set) evaluated by eval.toy_metrics: over
+    30 repeats the mean of (distance - floor) is 0 within 4 SE (E[distance] = D (1/n + 1/m) exactly, the floor is
+    its unbiased estimate), so the mean ratio is ~1; all 8 modes covered; off-manifold ~ the Gaussian tail beyond
+    3 stds (1.1%); the same holds against the tilted teacher for exact tilted-teacher samples."""
+    world = toy2d.ToyWorld("ring8", reward="linear")
+    tilted = world.reward_fn.tilt(world.mixture, 1.0)
+    n, reps = 400, 30
+    diff, diff_t, ratio = [], [], []
+    for rep in range(reps):
+        gen = torch.Generator().manual_seed(100 + rep)
+        cond = world.sample_cond(n, gen)
+        m = ev.toy_metrics(world, world.mixture.sample(n, gen, cond), cond, beta=1.0, reference_size=n, seed=rep)
+        diff.append(m["energy_distance"] - m["energy_floor"])
+        ratio.append(m["energy_ratio"])
+        assert m["modes_covered"] == 8
+        mt = ev.toy_metrics(world, tilted.sample(n, gen, cond), cond, beta=1.0, reference_size=n, seed=1000 + rep)
+        diff_t.append(mt["energy_distance_tilted"] - mt["energy_floor_tilted"])
+    for values in (diff, diff_t):
+        ok, mean, se = within(values, 0.0)
+        assert ok, (mean, se)
+    assert 0.7 < sum(ratio) / reps < 1.3, ratio
+
+
+def test_shifted_gaussian_has_the_closed_form_distance_and_the_same_diversity():
+    """Teacher N(0, I) in 2-D, student N(delta e_1, I). E[V-statistic] = 2 E|X - Y| - 2 D + D (1/n + 1/m), with
+    E|X - Y| the Rice mean at var 2 and D = E|X - X'| = sqrt(pi). Over 25 repeats the mean energy distance must equal
+    it within 4 SE; diversity (mean pairwise distance, diagonal excluded: unbiased) must equal sqrt(pi) within 4 SE,
+    and a shift leaves it exactly unchanged (translation invariance)."""
+    world = gaussian_world()
+    n, m, reps = 500, 500, 25
+    d_same = math.sqrt(math.pi)
+    for delta in (0.5, 1.5):
+        expected = 2 * rice_mean(delta, 2.0) - 2 * d_same + d_same * (1 / n + 1 / m)
+        dist, div = [], []
+        for rep in range(reps):
+            gen = torch.Generator().manual_seed(10 * rep + 1)
+            x = torch.randn(n, 2, generator=gen)
+            cond = world.sample_cond(n)
+            shifted = x + torch.tensor([delta, 0.0])
+            metrics = ev.toy_metrics(world, shifted, cond, reference_size=m, seed=7 + rep)
+            dist.append(metrics["energy_distance"])
+            div.append(metrics["diversity"])
+            assert abs(ev.mean_pairwise_distance(x) - metrics["diversity"]) < 1e-5
+        ok, mean, se = within(dist, expected)
+        assert ok, (delta, mean, expected, se)
+        ok, mean, se = within(div, d_same)
+        assert ok, (mean, d_same, se)
+
+
+def test_collapsed_and_off_manifold_sets():
+    """All samples on one mode's centre: 1 mode covered, diversity 0. All samples far outside the ring: no mode,
+    off-manifold fraction 1 and a teacher log-density far below the teacher's own (about -2.1 on ring8)."""
+    world = toy2d.ToyWorld("ring8")
+    cond = world.sample_cond(200)
+    centre = world.mixture.means[0].float().expand(200, 2).clone()
+    m = ev.toy_metrics(world, centre, cond, reference_size=500)
+    assert m["modes_covered"] == 1 and m["diversity"] == 0.0
+    far = 10.0 * torch.nn.functional.normalize(torch.randn(200, 2, generator=torch.Generator().manual_seed(1)), dim=1)
+    m = ev.toy_metrics(world, far, cond, reference_size=500)
+    assert m["modes_covered"] == 0 and m["teacher_logp"] < -100
+    if "off_manifold" in m:
+        assert m["off_manifold"] == 1.0
+
+
+def test_radius_reward_has_no_tilted_distance_and_says_why():
+    world = toy2d.ToyWorld("ring8", reward="radius")
+    cond = world.sample_cond(100)
+    m = ev.toy_metrics(world, world.mixture.sample(100, cond=cond), cond, beta=1.0, reference_size=200)
+    assert "energy_distance_tilted" not in m and "radius" in m["tilted_skipped"]
+
+
+# ---- end to end on tiny real runs of every method ----
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """One tiny run of each method (a few updates, 300 evaluation samples): a real run directory to evaluate."""
+    import dmd
+    import dmdr
+    import gdmd
+    import rtdmd
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("runs")
+    common = dict(output_dir=str(out), progress=False, eval_samples=300, student_steps=4, batch_size=32, seed=3)
+    runs = {
+        "dmd": dmd.main(dmd.Args(run_name="dmd", num_steps=4, eval_every=4, **common)),
+        "dmdr": dmdr.main(dmdr.Args(run_name="dmdr", stage1_steps=2, stage2_steps=2, dynamic_steps=2, eval_every=4,
+                                    **common)),
+        "rtdmd": rtdmd.main(rtdmd.Args(run_name="rtdmd", cold_steps=2, rl_steps=2, groups=2, group_size=4, eval_every=4,
+                                       **common)),
+        "gdmd": gdmd.main(gdmd.Args(run_name="gdmd", num_steps=4, cold_start_steps=2, eval_every=4, **common)),
+    }
+    return {name: r["run_dir"] for name, r in runs.items()}
+
+
+@pytest.mark.parametrize("method", ["dmd", "dmdr", "rtdmd", "gdmd"])
+def test_eval_reproduces_the_runs_own_last_evaluation(tiny_runs, method):
+    """With the run's own noise seed and sample count, eval.py's loader + the method's own sampler must regenerate the
+    run's final samples exactly, so every metric equals the last evaluation in metrics.jsonl (to float rounding).
+    rtdmd's samples come from its CPS sampler, the others' from the DMD2 sampler: a wrong sampler, eta, step count or
+    adapter would change the samples and fail this."""
+    run_dir = tiny_runs[method]
+    result, x, _, _ = ev.evaluate_run(run_dir)
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert result["method"] == method and result["step"] == 4 and x.shape == (300, 2)
+    assert result["sampler"] == ("cps" if method == "rtdmd" else "dmd2")
+    for key in ("energy_distance", "energy_floor", "modes_covered", "mean_reward", "teacher_logp",
+                "energy_distance_tilted"):
+        if key in last:
+            assert result[key] == pytest.approx(last[key], rel=1e-9, abs=1e-12), key
+    assert result["beta"] == 1.0 and result["beta_source"] == ("run config" if method == "rtdmd" else "eval default")
+
+
+def test_eval_main_writes_json_table_and_figure(tiny_runs, tmp_path):
+    """Several runs side by side: eval.json lists every run and the two reference rows, eval.md has one table row per
+    run and reference, eval_samples.png exists. The exact-teacher reference row sits near its floor."""
+    out = ev.main(ev.Args(run_dirs=tuple(str(tiny_runs[m]) for m in ("dmd", "rtdmd")), out_dir=str(tmp_path / "e"),
+                          samples=300, seed=5, progress=False))
+    data = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert [r["method"] for r in data["runs"]] == ["dmd", "rtdmd"]
+    assert [r["seed"] for r in data["runs"]] == [5, 5]
+    assert len(data["references"]) == 2 and data["references"][0]["energy_ratio"] < 4
+    table = (tmp_path / "e" / "eval.md").read_text()
+    assert table.count("\n| ") == 1 + 2 + 2  # header, 2 references, 2 runs
+    assert (tmp_path / "e" / "eval_samples.png").stat().st_size > 10_000
+    assert out["results"][0]["samples"] == 300
+
+
+# ---- bad input ----
+
+
+def copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_run_without_checkpoint_is_a_clear_error(tiny_runs, tmp_path):
+    import shutil
+
+    run = copy_run(tiny_runs["dmd"], tmp_path / "run")
+    shutil.rmtree(run / "checkpoint")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ev.main(ev.Args(run_dirs=(str(run),), progress=False))
+    assert not (run / "eval.json").exists()  # nothing written
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(method="rtdmd"), "does not match rtdmd.py"),  # a dmd config relabelled: another method
+    (lambda c: c.pop("fake_updates_per_step"), "lacks: \\['fake_updates_per_step'\\]"),  # an older version
+    (lambda c: c.update(new_option=1), "does not have: \\['new_option'\\]"),  # a newer version
+    (lambda c: c.update(method="dmd3"), "unknown method 'dmd3'"),
+    (lambda c: c.pop("method"), "unknown method None"),
+])
+def test_config_from_another_method_or_version_is_a_clear_error(tiny_runs, tmp_path, edit, match):
+    run = copy_run(tiny_runs["dmd"], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    edit(config)
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        ev.load_run(run)
+
+
+def test_version_key_must_match_the_method_files_version(tiny_runs, tmp_path, monkeypatch):
+    import dmd
+
+    run = copy_run(tiny_runs["dmd"], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "version": 1}))
+    monkeypatch.setattr(dmd, "VERSION", 2, raising=False)
+    with pytest.raises(ValueError, match="version 1.*this is version 2"):
+        ev.load_run(run)
+    monkeypatch.setattr(dmd, "VERSION", 1, raising=False)
+    assert ev.load_run(run)["method"] == "dmd"
+
+
+def test_not_a_run_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        ev.load_run(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        ev.load_run(tmp_path)
