@@ -582,6 +582,7 @@ def make_world(args, device):
     if args.model == "toy2d":
         import toy2d
 
+        torch.set_num_threads(1)  # 2-D toy tensors: thread hand-offs cost more than they save (13x on 2 busy cores)
         return toy2d.ToyWorld(
             mixture=args.toy_mixture, spread=args.toy_spread, path=args.toy_path, n_classes=args.toy_classes,
             reward=args.toy_reward, seed=args.seed, device=device,

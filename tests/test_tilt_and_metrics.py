@@ -94,3 +94,17 @@ def test_teacher_logp_flags_off_manifold_samples():
     off = 1.8 * on  # pushed radially off the ring (r = 3.6)
     cond = world.sample_cond(2000)
     assert world.evaluate(off, cond)["teacher_logp"] < world.evaluate(on, cond)["teacher_logp"] - 20
+
+
+def test_voronoi_mode_mass_and_off_manifold_fraction():
+    """The two halves of "where did the mass go": on the 8-mode ring (equal weights, symmetric), exact samples put 1/8
+    of the mass in each mode's Voronoi cell (4.5 binomial SEs), and exp(-4.5) = 1.1% of them lie beyond 3 mode-stds
+    of every mode (2-D Gaussian tail; neighbouring modes sit 6.1 stds apart, so overlaps change this by < 1e-4)."""
+    mixture = toy2d.make_mixture("ring8")
+    n = 100_000
+    x = mixture.sample(n, torch.Generator().manual_seed(6))
+    se = math.sqrt(0.125 * 0.875 / n)
+    assert toy2d.max_relative_mass_error(x, mixture) < 4.5 * se / 0.125
+    tail = math.exp(-4.5)
+    assert abs(toy2d.off_manifold_fraction(x, mixture) - tail) < 4.5 * math.sqrt(tail * (1 - tail) / n)
+    assert toy2d.off_manifold_fraction(2.5 * x, mixture) > 0.999  # pushed radially off the ring (r = 5: 12 stds out)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .metrics import energy_distance, energy_floor, max_relative_mass_error, modes_covered
+from .metrics import energy_distance, energy_floor, max_relative_mass_error, modes_covered, off_manifold_fraction
 from .mixture import PATHS, make_mixture, path_alpha
 from .rewards import Reward
 
@@ -182,6 +182,7 @@ class ToyWorld:
             "modes_covered": modes_covered(samples, self.mixture),
             "n_modes": self.mixture.n_modes,
             "max_mode_mass_error": max_relative_mass_error(samples, self.mixture),
+            "off_manifold": off_manifold_fraction(samples, self.mixture),
             "mean_reward": float(self.reward(samples, cond).mean()),
             "teacher_logp": float(self.mixture.log_prob(samples, cond=cond).mean()),
         }
