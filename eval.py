@@ -65,6 +65,9 @@ class Args:
     """noise seed of the student samples (default: the run's own evaluation seed, config seed + 1)"""
     beta: Optional[float] = None
     """tilt strength of the reward-tilted teacher p exp(beta r) / Z (default: the run's --beta for rtdmd, else 1.0)"""
+    allow_new_options: bool = False
+    """accept a config that lacks Args fields the method file gained after the run (they take their defaults; each
+    result lists them under "options_defaulted"); keys the method does not know are always an error"""
     reference: bool = True
     """add reference rows: exact teacher samples and exact tilted-teacher samples, measured the same way"""
     device: str = "cpu"
@@ -101,10 +104,11 @@ def method_module(method):
     return importlib.import_module(method)
 
 
-def config_to_args(config, module, where="config.json"):
+def config_to_args(config, module, where="config.json", allow_new_options=False):
     """The method's Args from a config dict. Its keys must be exactly the Args fields (plus "method" / "version"):
     an unknown key or a missing one means the run was written by another method or another version of the file,
-    and building a world from it would silently differ from the one it was trained on."""
+    and building a world from it would silently differ from the one it was trained on. allow_new_options: missing
+    fields (options added to the file after the run) take their defaults instead; unknown keys stay an error."""
     version = getattr(module, "VERSION", None)
     if "version" in config and version is not None and config["version"] != version:
         raise ValueError(f"{where} was written by {module.__name__}.py version {config['version']!r}; this is version "
@@ -112,23 +116,28 @@ def config_to_args(config, module, where="config.json"):
     fields = {f.name for f in dataclasses.fields(module.Args)}
     keys = set(config) - set(CONFIG_META_KEYS)
     unknown, missing = sorted(keys - fields), sorted(fields - keys)
+    if allow_new_options:
+        missing = []
     if unknown or missing:
         parts = [f"keys {module.__name__}.py's Args does not have: {unknown}" if unknown else "",
                  f"Args fields the config lacks: {missing}" if missing else ""]
         raise ValueError(f"{where} does not match {module.__name__}.py (method {config.get('method')!r}): "
                          + "; ".join(p for p in parts if p)
                          + ". It was written by another method or another version of the file; re-run it, or evaluate "
-                         "it with the version of the code that wrote it.")
-    return module.Args(**{k: config[k] for k in fields})
+                         "it with the version of the code that wrote it"
+                         + (" (if only fields are missing: --allow-new-options gives them their defaults)." if not unknown
+                            else "."))
+    args = module.Args(**{k: config[k] for k in fields if k in config})
+    return module.resolve_defaults(args) if hasattr(module, "resolve_defaults") else args
 
 
-def load_run(run_dir, device="cpu"):
+def load_run(run_dir, device="cpu", allow_new_options=False):
     """Everything eval needs from a run directory: config, method module, Args, a fresh world with the trained
     generator loaded, and the checkpoint's step. Raises before any work on a run without a usable checkpoint."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     module = method_module(config["method"])
-    args = config_to_args(config, module, run_dir / "config.json")
+    args = config_to_args(config, module, run_dir / "config.json", allow_new_options)
     if args.model != "toy2d":
         raise NotImplementedError(f"{run_dir}: evaluation of {args.model} runs (text-to-image) is not implemented yet; "
                                   "eval.py evaluates toy2d runs (see docs/eval.md for the planned t2i metrics)")
@@ -140,8 +149,9 @@ def load_run(run_dir, device="cpu"):
     world.load("generator", ckpt)
     state = ckpt / "state.json"
     step = json.loads(state.read_text())["step"] if state.exists() else None
+    defaulted = sorted({f.name for f in dataclasses.fields(module.Args)} - set(config))
     return {"run_dir": run_dir, "config": config, "method": config["method"], "module": module, "args": args,
-            "world": world, "step": step}
+            "world": world, "step": step, "options_defaulted": defaulted}
 
 
 # =====================================================================================================
@@ -206,9 +216,9 @@ def toy_metrics(world, samples, cond, beta=None, reference_size=4000, seed=1234)
     return out
 
 
-def evaluate_run(run_dir, samples=None, seed=None, beta=None, device="cpu"):
+def evaluate_run(run_dir, samples=None, seed=None, beta=None, device="cpu", allow_new_options=False):
     """Load a run directory, sample its student and measure it. Returns (result dict, samples, cond, run)."""
-    run = load_run(run_dir, device)
+    run = load_run(run_dir, device, allow_new_options)
     args = run["args"]
     n = samples if samples is not None else args.eval_samples
     seed = seed if seed is not None else args.seed + 1  # the run's own evaluation noise (see the methods' evaluate)
@@ -220,6 +230,8 @@ def evaluate_run(run_dir, samples=None, seed=None, beta=None, device="cpu"):
         "step": run["step"], "student_steps": args.student_steps, "sampler": "cps" if run["method"] == "rtdmd" else "dmd2",
         "samples": n, "seed": seed, "beta": beta, "beta_source": beta_source, **metrics,
     }
+    if run["options_defaulted"]:
+        result["options_defaulted"] = run["options_defaulted"]
     return result, x, cond, run
 
 
@@ -290,6 +302,9 @@ def table_notes(rows):
         notes.append(f"- noise floor of the energy distance at these sample sizes: {min(floors):.4f} to {max(floors):.4f} "
                      "(a perfect student's expected value; ED / floor ~ 1: indistinguishable from the teacher)")
     for r in rows:
+        if r.get("options_defaulted"):
+            notes.append(f"- {r['name']}: options newer than the run, taken at their defaults: "
+                         f"{', '.join(r['options_defaulted'])}")
         if "tilted_skipped" in r:
             notes.append(f"- {r['name']}: tilted distance skipped: {r['tilted_skipped']}")
     notes.append("- modes: modes holding at least a tenth of their weight; off-manifold: samples farther than 3 mode "
@@ -338,8 +353,7 @@ def main(args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     # fail on every bad run directory before sampling any
     for run_dir in args.run_dirs:
-        run = load_run(run_dir, device)
-        del run
+        load_run(run_dir, device, args.allow_new_options)
     if args.out_dir is not None:
         out_dir = Path(args.out_dir)
     elif len(args.run_dirs) == 1:
@@ -350,7 +364,7 @@ def main(args):
 
     results, panels, first = [], [], None
     for run_dir in tqdm(args.run_dirs, desc="eval", disable=not args.progress or len(args.run_dirs) == 1):
-        result, x, _, run = evaluate_run(run_dir, args.samples, args.seed, args.beta, device)
+        result, x, _, run = evaluate_run(run_dir, args.samples, args.seed, args.beta, device, args.allow_new_options)
         results.append(result)
         if first is None:
             first = run

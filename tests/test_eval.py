@@ -226,6 +226,22 @@ def test_config_from_another_method_or_version_is_a_clear_error(tiny_runs, tmp_p
         ev.load_run(run)
 
 
+def test_allow_new_options_fills_only_missing_fields(tiny_runs, tmp_path):
+    """A run older than an option (the key is absent) is refused by default and evaluated with the option's default
+    under --allow-new-options, which reports the defaulted field; an unknown key is refused either way."""
+    run = copy_run(tiny_runs["dmd"], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config.pop("grad_clip")
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="--allow-new-options"):
+        ev.load_run(run)
+    loaded = ev.load_run(run, allow_new_options=True)
+    assert loaded["args"].grad_clip == 1.0 and loaded["options_defaulted"] == ["grad_clip"]
+    (run / "config.json").write_text(json.dumps({**config, "new_option": 1}))
+    with pytest.raises(ValueError, match="new_option"):
+        ev.load_run(run, allow_new_options=True)
+
+
 def test_version_key_must_match_the_method_files_version(tiny_runs, tmp_path, monkeypatch):
     import dmd
 
