@@ -1,4 +1,4 @@
-"""eval.py: metrics, a markdown table and figures for one or several run directories (any method, toy world).
+"""eval.py: metrics, a markdown table and figures for one or several run directories (any method, toy or text-to-image).
 
     python eval.py runs/dmd__toy2d__0__<time>                 # -> that run dir: eval.json, eval.md, eval_samples.png
     python eval.py runs/dmd__toy2d__0__* runs/rtdmd__toy2d__0__* --out-dir evals/dmd_vs_rtdmd   # side by side
@@ -8,8 +8,10 @@
 What it does, for every run directory:
     1. reads config.json and checks it against the `Args` of the method file named by its "method" key (dmd.py,
        dmdr.py, rtdmd.py, gdmd.py): a key the method does not know, or a key it lacks, means the config comes from
-       another method or another version of the file, and is a clear error rather than a silently different world;
-    2. builds a fresh world with that method file's own make_world and loads checkpoint/generator.pt (world.load);
+       another method or another version of the file, and is a clear error rather than a silently different world
+       (--allow-new-options: options the file gained after the run take their defaults, and the table says so);
+    2. builds a fresh world with that method file's own make_world and loads the trained generator from checkpoint/
+       (world.load; a run without one is a clear error);
     3. samples the K-step student with that method file's own sampler (dmd, dmdr, gdmd: the DMD2 multi-step sampler
        `sample_student(world, cond, sigmas, noise)`; rtdmd: its CPS sampler at the run's eta), so eval measures the
        student the method trained, not a re-implementation of it;
@@ -24,12 +26,14 @@ eval_samples), eval.json reproduces the run's last evaluation in metrics.jsonl e
 beta: the reward-tilted teacher needs a temperature. rtdmd has one (--beta, the tilt it trains toward); dmd, dmdr and
 gdmd do not (dmdr's rt_dm_beta scales r / ||r||, not r), so they are compared with the tilt at --beta (default 1.0).
 
-Text-to-image runs: NOT DONE yet (the t2i world is being built, issue 6); a t2i run directory is refused with a clear
-message. Planned, on held-out prompts with fixed seeds: CLIP score, PickScore, HPSv2.1, aesthetic score, ImageReward
-(each only when its weights are present, otherwise a table row that says which were skipped and why), diversity as the
-mean pairwise distance of CLIP image embeddings (mean_pairwise_distance below already takes any (n, ...) features),
-NFE and seconds per image of the K-step student against the teacher (its default steps with CFG), and an image grid
-of student and teacher side by side from the same noise.
+Text-to-image runs (t2i/, --model sd3-medium / sdxl / ...): the same loader (the run's --model-path supplies the
+base weights, checkpoint/generator/ the LoRA), on the held-out prompts with fixed noise: CLIP score, PickScore,
+HPSv2.1, aesthetic score, ImageReward of the student and of the teacher (each only when its weights and package are
+present; the table lists the skipped ones and why), diversity as the mean pairwise distance of CLIP image embeddings
+between samples of a prompt, NFE and seconds per image of the K-step student against the teacher (its pipeline's
+default steps with the run's CFG), and eval_grid_<run>.png, student and teacher side by side from the same noise.
+
+    python eval.py runs/dmd__sd3-medium__0__<time> --samples 64 --reward-checkpoints pickscore=/models/PickScore_v1
 
 Config versions: a config.json may carry a "version" key; when the method file defines VERSION, the two must agree.
 Without it, the check is the key check of step 1.
@@ -48,7 +52,8 @@ import torch
 import tyro
 from tqdm import tqdm
 
-METHODS = ("dmd", "dmdr", "rtdmd", "gdmd")  # method files eval can load (method files never import each other; eval may)
+METHODS = ("dmd", "dmdr", "rtdmd", "gdmd")
+T2I_METRICS = ("clip", "pickscore", "hpsv2", "aesthetic", "imagereward")  # the papers' suite (t2i/rewards.py)  # method files eval can load (method files never import each other; eval may)
 CONFIG_META_KEYS = ("method", "version")  # config.json keys that are not Args fields
 DEFAULT_BETA = 1.0
 
@@ -70,7 +75,18 @@ class Args:
     result lists them under "options_defaulted"); keys the method does not know are always an error"""
     reference: bool = True
     """add reference rows: exact teacher samples and exact tilted-teacher samples, measured the same way"""
-    device: str = "cpu"
+    metrics: tuple[str, ...] = T2I_METRICS
+    """text-to-image: the metric suite (each is skipped, with its reason in the table, when its weights or package are
+    missing): clip, pickscore, hpsv2, aesthetic, imagereward"""
+    reward_checkpoints: Optional[str] = None
+    """text-to-image: local metric weights name=PATH,... (added to the run's --reward-checkpoints)"""
+    teacher_steps: Optional[int] = None
+    """text-to-image: teacher sampling steps (default: the pipeline's, SD3 28, SDXL 50)"""
+    teacher_cfg: Optional[float] = None
+    """text-to-image: teacher guidance scale (default: the run's guidance_scale)"""
+    teacher: bool = True
+    """text-to-image: also sample and score the teacher (speed and metric baselines, side-by-side grid)"""
+    device: str = "auto"
     """cpu, cuda, or auto (cuda when available)"""
     progress: bool = True
     """show a tqdm progress bar over runs"""
@@ -131,27 +147,34 @@ def config_to_args(config, module, where="config.json", allow_new_options=False)
     return module.resolve_defaults(args) if hasattr(module, "resolve_defaults") else args
 
 
-def load_run(run_dir, device="cpu", allow_new_options=False):
-    """Everything eval needs from a run directory: config, method module, Args, a fresh world with the trained
-    generator loaded, and the checkpoint's step. Raises before any work on a run without a usable checkpoint."""
+def check_run(run_dir, allow_new_options=False):
+    """Everything about a run directory that can be checked without building its world: config.json, the method,
+    the config against the method's Args, and a generator checkpoint (toy: checkpoint/generator.pt; text-to-image:
+    checkpoint/generator/, a diffusers LoRA). Returns the config, module and Args."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     module = method_module(config["method"])
     args = config_to_args(config, module, run_dir / "config.json", allow_new_options)
-    if args.model != "toy2d":
-        raise NotImplementedError(f"{run_dir}: evaluation of {args.model} runs (text-to-image) is not implemented yet; "
-                                  "eval.py evaluates toy2d runs (see docs/eval.md for the planned t2i metrics)")
     ckpt = run_dir / "checkpoint"
-    if not (ckpt / "generator.pt").exists():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint ({ckpt / 'generator.pt'} is missing): the run stopped "
-                                "before its first checkpoint, or this is not a finished run directory")
-    world = module.make_world(args, device)
-    world.load("generator", ckpt)
-    state = ckpt / "state.json"
-    step = json.loads(state.read_text())["step"] if state.exists() else None
+    if not ((ckpt / "generator.pt").exists() or (ckpt / "generator").is_dir()):
+        raise FileNotFoundError(f"{run_dir} has no checkpoint (no {ckpt / 'generator.pt'} or {ckpt / 'generator'}/): the "
+                                "run stopped before its first checkpoint, or this is not a finished run directory")
     defaulted = sorted({f.name for f in dataclasses.fields(module.Args)} - set(config))
     return {"run_dir": run_dir, "config": config, "method": config["method"], "module": module, "args": args,
-            "world": world, "step": step, "options_defaulted": defaulted}
+            "options_defaulted": defaulted}
+
+
+def load_run(run_dir, device="cpu", allow_new_options=False):
+    """check_run, then a fresh world built by the method file's own make_world with the trained generator loaded
+    (world.load) and the checkpoint's step. Text-to-image worlds load their weights from the run's --model-path."""
+    run = check_run(run_dir, allow_new_options)
+    ckpt = run["run_dir"] / "checkpoint"
+    world = run["module"].make_world(run["args"], device)
+    world.load("generator", ckpt)
+    state = ckpt / "state.json"
+    run["step"] = json.loads(state.read_text())["step"] if state.exists() else None
+    run["world"] = world
+    return run
 
 
 # =====================================================================================================
@@ -163,17 +186,22 @@ def load_run(run_dir, device="cpu", allow_new_options=False):
 def sample_run(run, n, seed):
     """n student samples and their conditions, drawn exactly as the method's own evaluate() draws them:
     cond, then noise, then the sampler, all from one generator seeded with `seed`."""
-    world, args, module = run["world"], run["args"], run["module"]
+    world = run["world"]
     gen = torch.Generator().manual_seed(seed)
     cond = world.sample_cond(n, gen)
     noise = world.noise(cond, gen)
-    if run["method"] == "rtdmd":  # CPS sampler at the run's eta, on the levels [t_0, ..., t_K = 0]
+    return sample_run_from(run, cond, noise, gen), cond
+
+
+@torch.no_grad()
+def sample_run_from(run, cond, noise, gen):
+    """The method's own K-step student sampler from given conditions and noise: rtdmd's CPS sampler at the run's eta
+    on the levels [t_0, ..., t_K = 0]; dmd, dmdr, gdmd: DMD2's multi-step sampler."""
+    world, args, module = run["world"], run["args"], run["module"]
+    if run["method"] == "rtdmd":
         schedule = module.student_schedule(world, args.student_steps)
-        samples = module.sample_student(world, cond, schedule, args.eta, noise, generator=gen)
-    else:  # dmd, dmdr, gdmd: DMD2's multi-step sampler
-        sigmas = module.student_sigmas(world, args.student_steps)
-        samples = module.sample_student(world, cond, sigmas, noise, generator=gen)
-    return samples, cond
+        return module.sample_student(world, cond, schedule, args.eta, noise, generator=gen)
+    return module.sample_student(world, cond, module.student_sigmas(world, args.student_steps), noise, generator=gen)
 
 
 # =====================================================================================================
@@ -216,23 +244,26 @@ def toy_metrics(world, samples, cond, beta=None, reference_size=4000, seed=1234)
     return out
 
 
-def evaluate_run(run_dir, samples=None, seed=None, beta=None, device="cpu", allow_new_options=False):
-    """Load a run directory, sample its student and measure it. Returns (result dict, samples, cond, run)."""
+def evaluate_run(run_dir, samples=None, seed=None, beta=None, device="cpu", allow_new_options=False, t2i_options=None):
+    """Load a run directory, sample its student and measure it. Returns (result dict, samples, cond, run).
+    Toy: toy_metrics. Text-to-image: t2i_metrics with t2i_options (a dict of its keyword arguments)."""
     run = load_run(run_dir, device, allow_new_options)
     args = run["args"]
     n = samples if samples is not None else args.eval_samples
     seed = seed if seed is not None else args.seed + 1  # the run's own evaluation noise (see the methods' evaluate)
-    beta, beta_source = run_beta(run, beta)
-    x, cond = sample_run(run, n, seed)
-    metrics = toy_metrics(run["world"], x, cond, beta)
     result = {
         "run_dir": str(run["run_dir"]), "name": run["run_dir"].name, "method": run["method"], "model": args.model,
         "step": run["step"], "student_steps": args.student_steps, "sampler": "cps" if run["method"] == "rtdmd" else "dmd2",
-        "samples": n, "seed": seed, "beta": beta, "beta_source": beta_source, **metrics,
+        "samples": n, "seed": seed,
     }
     if run["options_defaulted"]:
         result["options_defaulted"] = run["options_defaulted"]
-    return result, x, cond, run
+    if args.model != "toy2d":
+        metrics, x, cond = t2i_metrics(run, n, seed, **(t2i_options or {}))
+        return {**result, **metrics}, x, cond, run
+    beta, beta_source = run_beta(run, beta)
+    x, cond = sample_run(run, n, seed)
+    return {**result, "beta": beta, "beta_source": beta_source, **toy_metrics(run["world"], x, cond, beta)}, x, cond, run
 
 
 def reference_results(world, n, beta, seed=4321):
@@ -250,6 +281,159 @@ def reference_results(world, n, beta, seed=4321):
                      **toy_metrics(world, x, cond, beta)})
         sets.append((name, x))
     return rows, sets
+
+
+# =====================================================================================================
+#                                      text-to-image metrics
+# =====================================================================================================
+
+TEACHER_STEPS = {"sd3": 28, "sdxl": 50}  # the diffusers pipelines' default num_inference_steps
+
+
+@torch.no_grad()
+def sample_teacher(world, cond, noise, steps, cfg):
+    """The teacher's deterministic sampler (DDIM; on a flow path this is the Euler ODE step) with classifier-free
+    guidance, on the pre-shift levels 1, 1 - 1/steps, ..., 1/steps through the world's shift, ending with the x0
+    prediction at the last level as the student does: x' = alpha' x0 + sigma' (x - alpha x0) / sigma."""
+    levels = [float(world.sigma(torch.tensor(1.0 - k / steps))) for k in range(steps)]
+    x = noise
+    for k, sigma in enumerate(levels):
+        x0 = world.x0("teacher", x, sigma, cond, cfg=cfg)
+        if k + 1 < steps:
+            eps = (x - world.alpha(torch.tensor(sigma)) * x0) / sigma
+            x = world.alpha(torch.tensor(levels[k + 1])) * x0 + levels[k + 1] * eps
+    return x0
+
+
+def load_scorers(world, names, checkpoints, device):
+    """The reward models of the metric suite that load, and for the others the reason (weights or package missing):
+    a missing reward is a row note, never a crash."""
+    from t2i.rewards import REWARDS
+
+    scorers, skipped = {}, {}
+    for name in names:
+        if name not in REWARDS:
+            skipped[name] = f"unknown metric (valid: {', '.join(REWARDS)})"
+            continue
+        kwargs = {"checkpoint": checkpoints.get(name)}
+        if name == "pickscore":
+            kwargs["processor_checkpoint"] = checkpoints.get("pickscore-processor")
+        if name == "aesthetic":
+            kwargs["clip_checkpoint"] = checkpoints.get("aesthetic-clip")
+        try:
+            scorers[name] = REWARDS[name](world.prompts, device, **kwargs)
+        except Exception as err:  # noqa: BLE001 (missing weights, gated hub, optional package absent: all skip)
+            skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    return scorers, skipped
+
+
+def _timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def t2i_metrics(run, n, seed, metrics=T2I_METRICS, reward_checkpoints=None, teacher_steps=None, teacher_cfg=None,
+                teacher=True, batch_size=4, grid_path=None):
+    """Text-to-image evaluation on the held-out prompts (world.sample_cond with a generator cycles through them) with
+    fixed noise: each loadable metric of `metrics` on the student's and the teacher's decoded images (mean), diversity
+    as the mean pairwise distance of CLIP image embeddings between samples of the same prompt (all samples when every
+    prompt has one), NFE and seconds per image of sampling (latents; the VAE decode, the same for both, excluded).
+    The teacher samples the same noise with its default steps and CFG (NFE = steps, x2 with CFG). Returns (metrics,
+    student latents, cond); grid_path: a figure of student and teacher side by side per prompt."""
+    from t2i.rewards import parse_checkpoints
+
+    world, args = run["world"], run["args"]
+    checkpoints = {**parse_checkpoints(getattr(args, "reward_checkpoints", None)), **parse_checkpoints(reward_checkpoints)}
+    gen = torch.Generator().manual_seed(seed)
+    cond = world.sample_cond(n, gen)
+    noise = world.noise(cond, gen)
+    student, seconds = _timed(lambda: sample_run_from(run, cond, noise, gen))
+    out = {"nfe_student": args.student_steps, "seconds_per_image_student": seconds / n}
+    sets = {"student": student}
+    if teacher:
+        steps = teacher_steps or TEACHER_STEPS[world.family]
+        cfg = teacher_cfg if teacher_cfg is not None else args.guidance_scale
+        sets["teacher"], seconds = _timed(lambda: sample_teacher(world, cond, noise, steps, cfg))
+        out.update(teacher_steps=steps, teacher_cfg=cfg, nfe_teacher=steps * (2 if cfg != 1.0 else 1),
+                   seconds_per_image_teacher=seconds / n)
+    scorers, skipped = load_scorers(world, metrics, checkpoints, world.device)
+    images = {who: torch.cat([world.decode(x[i : i + batch_size]) for i in range(0, n, batch_size)]) for who, x in sets.items()}
+    for who, imgs in images.items():
+        for name, scorer in scorers.items():
+            out[f"{name}_{who}"] = float(torch.cat([scorer(imgs[i : i + batch_size], cond[i : i + batch_size]).float()
+                                                    for i in range(0, n, batch_size)]).mean())
+        if "clip" in scorers:
+            emb = torch.cat([scorers["clip"].image_embedding(imgs[i : i + batch_size]) for i in range(0, n, batch_size)])
+            out[f"diversity_{who}"] = prompt_diversity(emb, cond)
+    if "clip" not in scorers:
+        out["diversity_skipped"] = "needs the clip metric"
+    out["skipped"] = skipped
+    if grid_path is not None:
+        plot_grid(images, cond, world.prompts, grid_path)
+    return out, student, cond
+
+
+def prompt_diversity(embeddings, cond):
+    """Mean pairwise distance of embeddings (n, D) within each prompt's samples, averaged over prompts with >= 2
+    samples; over all samples when no prompt has two (diversity across prompts then, not across seeds)."""
+    groups = [embeddings[cond == c] for c in cond.unique()]
+    groups = [g for g in groups if g.shape[0] >= 2]
+    if not groups:
+        return mean_pairwise_distance(embeddings)
+    return sum(mean_pairwise_distance(g) for g in groups) / len(groups)
+
+
+def plot_grid(images, cond, prompts, path, max_rows=4):
+    """Student and teacher images side by side (columns), one prompt per row, the same noise in each row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    who = list(images)
+    rows = min(max_rows, images[who[0]].shape[0])
+    fig, axes = plt.subplots(rows, len(who), figsize=(3 * len(who), 3 * rows), squeeze=False)
+    for r in range(rows):
+        for c, name in enumerate(who):
+            ax = axes[r, c]
+            ax.imshow(images[name][r].permute(1, 2, 0).float().cpu().numpy())
+            ax.set_xticks([]); ax.set_yticks([])  # noqa: E702
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(prompts[int(cond[r])][:40], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def t2i_table(rows):
+    """The text-to-image table: speed, then each metric as student / teacher, diversity, and what was skipped."""
+    names = [m for m in T2I_METRICS if any(f"{m}_student" in r for r in rows)]
+    header = ["run", "step", "NFE student / teacher", "s / image student / teacher"] + \
+             [f"{m} student / teacher" for m in names] + ["diversity student / teacher", "skipped"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def pair(r, a, b, fmt="{:.4g}"):
+        return " / ".join(fmt.format(r[k]) if k in r else "-" for k in (a, b))
+
+    for r in rows:
+        cells = [r["name"], str(r.get("step")), pair(r, "nfe_student", "nfe_teacher", "{}"),
+                 pair(r, "seconds_per_image_student", "seconds_per_image_teacher", "{:.3g}")]
+        cells += [pair(r, f"{m}_student", f"{m}_teacher") for m in names]
+        cells += [pair(r, "diversity_student", "diversity_teacher"), ", ".join(r.get("skipped", {})) or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for r in rows:
+        for name, why in r.get("skipped", {}).items():
+            notes.append(f"- {r['name']}: {name} skipped: {why}")
+    return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
 # =====================================================================================================
@@ -347,13 +531,12 @@ def same_world(a, b):
 # =====================================================================================================
 
 
-def main(args):
+def main(args, command=None):
+    """Evaluate args.run_dirs; command: the command line to print in eval.md (default: a reconstruction)."""
     if not args.run_dirs:
         raise ValueError("give at least one run directory")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    # fail on every bad run directory before sampling any
-    for run_dir in args.run_dirs:
-        load_run(run_dir, device, args.allow_new_options)
+    checked = [check_run(run_dir, args.allow_new_options) for run_dir in args.run_dirs]  # every error before any work
     if args.out_dir is not None:
         out_dir = Path(args.out_dir)
     elif len(args.run_dirs) == 1:
@@ -362,29 +545,47 @@ def main(args):
         out_dir = Path("evals") / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    results, panels, first = [], [], None
-    for run_dir in tqdm(args.run_dirs, desc="eval", disable=not args.progress or len(args.run_dirs) == 1):
-        result, x, _, run = evaluate_run(run_dir, args.samples, args.seed, args.beta, device, args.allow_new_options)
-        results.append(result)
-        if first is None:
-            first = run
+    toy, t2i_rows, panels, first = [], [], [], None
+    for run_dir, c in tqdm(list(zip(args.run_dirs, checked)), desc="eval", disable=not args.progress or len(checked) == 1):
+        options = None
+        if c["args"].model != "toy2d":
+            options = dict(metrics=args.metrics, reward_checkpoints=args.reward_checkpoints, teacher=args.teacher,
+                           teacher_steps=args.teacher_steps, teacher_cfg=args.teacher_cfg,
+                           grid_path=out_dir / f"eval_grid_{c['run_dir'].name}.png")
+        result, x, _, run = evaluate_run(run_dir, args.samples, args.seed, args.beta, device, args.allow_new_options,
+                                         options)
+        if options is not None:
+            t2i_rows.append(result)
+            continue
+        toy.append(result)
+        first = first or run
         if same_world(first["config"], run["config"]):
             panels.append((f"{result['name']}\n{result['method']}, step {result['step']}", x))
-    refs = []
-    if args.reference:
-        refs, ref_sets = reference_results(first["world"], results[0]["samples"], results[0]["beta"])
-        panels = [(name, x) for name, x in ref_sets[:1]] + panels
+        del run
 
-    (out_dir / "eval.json").write_text(json.dumps({"runs": results, "references": refs}, indent=2))
-    table = markdown_table(refs + results)
-    cmd = "python eval.py " + " ".join(args.run_dirs)
-    (out_dir / "eval.md").write_text(f"# Evaluation\n\n`{cmd}`\n\n{table}\n\n{table_notes(refs + results)}\n")
-    plot_panels(panels, first["world"], out_dir / "eval_samples.png", results[0]["beta"],
-                "student samples over the teacher's contours (tilted teacher dashed)")
-    print(table)
-    print(f"eval: wrote eval.json, eval.md, eval_samples.png to {out_dir}")
-    return {"out_dir": out_dir, "results": results, "references": refs}
+    refs, sections, files = [], [], ["eval.json", "eval.md"]
+    if toy:
+        if args.reference:
+            refs, ref_sets = reference_results(first["world"], toy[0]["samples"], toy[0]["beta"])
+            panels = ref_sets[:1] + panels
+        sections.append(f"## Toy runs\n\n{markdown_table(refs + toy)}\n\n{table_notes(refs + toy)}")
+        plot_panels(panels, first["world"], out_dir / "eval_samples.png", toy[0]["beta"],
+                    "student samples over the teacher's contours (tilted teacher dashed)")
+        files.append("eval_samples.png")
+    if t2i_rows:
+        sections.append(f"## Text-to-image runs\n\n{t2i_table(t2i_rows)}")
+        files += [f"eval_grid_{r['name']}.png" for r in t2i_rows]
+    (out_dir / "eval.json").write_text(json.dumps({"runs": toy + t2i_rows, "references": refs}, indent=2))
+    cmd = command or "python eval.py " + " ".join(args.run_dirs)
+    text = f"# Evaluation\n\n`{cmd}`\n\n" + "\n\n".join(sections) + "\n"
+    (out_dir / "eval.md").write_text(text)
+    print(text)
+    print(f"eval: wrote {', '.join(files)} to {out_dir}")
+    return {"out_dir": out_dir, "results": toy + t2i_rows, "references": refs}
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    import shlex
+    import sys
+
+    main(tyro.cli(Args), command="python eval.py " + shlex.join(sys.argv[1:]))
