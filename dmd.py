@@ -3,10 +3,13 @@
     python dmd.py                                  # toy world: 8-mode ring, 1-step student, ~1 min on 2 CPU cores
     python dmd.py --student-steps 4 --batch-size 256
     python dmd.py --toy-mixture grid25 --toy-path vp --fake-ema 0.9 --renoise-min 0.5   # Flash-DMD options
+    python dmd.py --model sd3-medium               # SD3-Medium, 4-step LoRA student (GPU; hub weights, or --model-path DIR)
+    python dmd.py --model sdxl                     # SDXL, DMD2's 4-step LoRA recipe
     python dmd.py --help                           # every option, with its default
 
 A run writes runs/dmd__<model>__<seed>__<time>/: config.json, metrics.jsonl (losses, evaluation metrics),
-checkpoint/ (the latest good generator and fake adapters), samples.png and curves.png.
+checkpoint/ (the latest good generator and fake adapters), samples.png and curves.png. On a text-to-image model the
+adapters are diffusers LoRAs: checkpoint/generator/ loads into a stock pipeline with load_lora_weights (README).
 
 The algorithm (Yin et al. 2024, "Improved Distribution Matching Distillation", DMD2):
     generator G_theta = teacher + trainable adapter; a K-step student sampled by "backward simulation":
@@ -41,16 +44,34 @@ import tyro
 from tqdm import tqdm
 
 LR_SCHEDULES = ("constant", "cosine")
-MODELS = ("toy2d",)  # text-to-image presets (sd3-medium, sdxl, ...) arrive with the t2i world
+MODELS = ("toy2d", "sd3-medium", "sd3.5-medium", "sd3.5-large", "sdxl")  # toy2d/, and the presets of t2i/
 
 
 @dataclass
 class Args:
     # ---- world ----
     model: str = "toy2d"
-    """world to distil: toy2d (2-D Gaussian mixture, CPU)"""
+    """world to distil: toy2d (2-D Gaussian mixture, CPU), or text-to-image sd3-medium, sd3.5-medium, sd3.5-large, sdxl"""
     model_path: Optional[str] = None
-    """local copy of the model weights (text-to-image worlds)"""
+    """local copy of the model weights (text-to-image worlds; default: the preset's hub repository)"""
+    prompts: Optional[str] = None
+    """text-to-image: training prompts, one per line (default: t2i/prompts/train.txt, a small smoke-test set)"""
+    eval_prompts: Optional[str] = None
+    """text-to-image: held-out evaluation prompts (default: t2i/prompts/eval.txt)"""
+    resolution: Optional[int] = None
+    """text-to-image: image size in pixels (default: the preset's, sd3 512, sdxl 1024)"""
+    t2i_reward: Optional[str] = None
+    """text-to-image reward, name[:weight[:cap]],...: clip, pickscore, aesthetic, hpsv2, imagereward (dmd: clip, a metric)"""
+    reward_checkpoints: Optional[str] = None
+    """text-to-image: local reward weights, name=PATH,... (e.g. clip=/models/clip-vit-large-patch14)"""
+    lora_rank: Optional[int] = None
+    """text-to-image: generator LoRA rank"""
+    lora_alpha: Optional[float] = None
+    """text-to-image: generator LoRA alpha (scale alpha / rank)"""
+    fake_lora_rank: Optional[int] = None
+    """text-to-image: fake-score LoRA rank"""
+    fake_lora_alpha: Optional[float] = None
+    """text-to-image: fake-score LoRA alpha"""
     toy_mixture: str = "ring8"
     """toy teacher: ring8 (8 equal modes), grid25 (5x5, unequal weights), line3"""
     toy_spread: Optional[float] = None
@@ -101,8 +122,8 @@ class Args:
     """steps between metrics.jsonl loss records"""
     eval_every: int = 250
     """steps between evaluations (and checkpoints)"""
-    eval_samples: int = 4000
-    """samples per evaluation"""
+    eval_samples: Optional[int] = None
+    """samples per evaluation (toy2d: 4000; text-to-image: 16, one per evaluation prompt)"""
     progress: bool = True
     """show a tqdm progress bar"""
 
@@ -112,7 +133,18 @@ MODEL_DEFAULTS = {  # every Args field that defaults to None gets its value here
     # toy2d: a 1-step student, the real distillation problem (at step 0 it collapses every sample onto the mixture mean);
     # a 4-step student initialised from the teacher already samples the ring closely (energy distance 0.028 at step 0).
     "toy2d": dict(student_steps=1, num_steps=1500, batch_size=512, lr_generator=1e-3, lr_fake=1e-3, lr_schedule="cosine",
-                  guidance_scale=1.0),
+                  guidance_scale=1.0, eval_samples=4000),
+    # text-to-image (notes/reference-implementations.md): a 4-step student at pre-shift levels [1, .75, .5, .25].
+    # SDXL: DMD2's 4-step LoRA recipe (real CFG 8, lr 5e-5, constant); SD3: DMDR's SD3-M settings without its additions
+    # (real CFG 7, lr 1e-6 / 5e-7, generator LoRA r64 alpha128, fake r32 alpha32; SD3.5: CFG 4.5 as RTDMD's SD3.5-M).
+    # Ours: num_steps, batch size 8 per GPU for SD3 and 4 for SDXL at 1024 px, SDXL LoRA r64 alpha64 for both roles.
+    **{name: dict(student_steps=4, num_steps=4000, batch_size=8, lr_generator=1e-6, lr_fake=5e-7, lr_schedule="constant",
+                  guidance_scale=7.0 if name == "sd3-medium" else 4.5, eval_samples=16, t2i_reward="clip", lora_rank=64,
+                  lora_alpha=128, fake_lora_rank=32, fake_lora_alpha=32)
+       for name in ("sd3-medium", "sd3.5-medium", "sd3.5-large")},
+    "sdxl": dict(student_steps=4, num_steps=4000, batch_size=4, lr_generator=5e-5, lr_fake=5e-5, lr_schedule="constant",
+                 guidance_scale=8.0, eval_samples=16, t2i_reward="clip", lora_rank=64, lora_alpha=64, fake_lora_rank=64,
+                 fake_lora_alpha=64),
 }
 
 
@@ -135,7 +167,8 @@ def sample_student(world, cond, sigmas, noise, generator=None, stop=None):
             return x
         x0 = world.x0("generator", x, sigma, cond)
         if k + 1 < len(sigmas):
-            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            where = generator.device if generator is not None else x0.device  # a CPU generator with a CUDA world
+            eps = torch.randn(x0.shape, generator=generator, device=where, dtype=x0.dtype).to(x0.device)
             x = world.renoise(x0, sigmas[k + 1], eps)
     return x0
 
@@ -260,7 +293,12 @@ def validate(args):
             raise ValueError(f"unknown toy path {args.toy_path!r}; valid paths: {', '.join(toy2d.PATHS)}")
         if args.toy_reward not in toy2d.REWARDS:
             raise ValueError(f"unknown toy reward {args.toy_reward!r}; valid rewards: {', '.join(toy2d.REWARDS)}")
-    for name in ("student_steps", "num_steps", "batch_size", "lr_generator", "lr_fake", "lr_schedule", "guidance_scale"):
+    else:
+        validate_t2i(args)
+        if args.fake_ema > 0 and (args.lora_rank, args.lora_alpha) != (args.fake_lora_rank, args.fake_lora_alpha):
+            raise ValueError("--fake-ema mixes the generator's LoRA into the fake's: it needs the same rank and alpha")
+    for name in ("student_steps", "num_steps", "batch_size", "lr_generator", "lr_fake", "lr_schedule", "guidance_scale",
+                 "eval_samples"):
         if getattr(args, name) is None:
             raise ValueError(f"{name} has no default for model {args.model}: pass --{name.replace('_', '-')}")
     if not 1 <= args.student_steps <= 8:
@@ -283,8 +321,31 @@ def validate(args):
         raise ValueError(f"grad_clip must be >= 0, got {args.grad_clip}")
 
 
+def validate_t2i(args):
+    """The text-to-image options, checked without loading anything (t2i's presets and reward specs are plain data)."""
+    import t2i
+    from t2i.rewards import parse_checkpoints, parse_spec
+
+    t2i.get_preset(args.model)
+    for name in ("prompts", "eval_prompts"):
+        if getattr(args, name) is not None and not Path(getattr(args, name)).is_file():
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {getattr(args, name)} does not exist")
+    if args.model_path is not None and not Path(args.model_path).is_dir():
+        raise FileNotFoundError(f"--model-path {args.model_path} is not a directory (a diffusers-format model folder)")
+    for name in ("t2i_reward", "lora_rank", "lora_alpha", "fake_lora_rank", "fake_lora_alpha"):
+        if getattr(args, name) is None:
+            raise ValueError(f"{name} has no default for model {args.model}: pass --{name.replace('_', '-')}")
+    parse_spec(args.t2i_reward)
+    parse_checkpoints(args.reward_checkpoints)
+    for name in ("lora_rank", "lora_alpha", "fake_lora_rank", "fake_lora_alpha"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
+    if args.resolution is not None and args.resolution < 8:
+        raise ValueError(f"resolution must be >= 8 pixels, got {args.resolution}")
+
+
 def make_world(args, device):
-    """The world named by --model."""
+    """The world named by --model: the toy, or a text-to-image preset (imported only then: the toy path stays light)."""
     if args.model == "toy2d":
         import toy2d
 
@@ -292,6 +353,16 @@ def make_world(args, device):
         return toy2d.ToyWorld(
             mixture=args.toy_mixture, spread=args.toy_spread, path=args.toy_path, n_classes=args.toy_classes,
             reward=args.toy_reward, seed=args.seed, device=device,
+        )
+    if args.model in MODELS:
+        import t2i
+        from t2i.rewards import parse_checkpoints
+
+        return t2i.T2IWorld(
+            args.model, model_path=args.model_path, prompts=args.prompts, eval_prompts=args.eval_prompts,
+            resolution=args.resolution, reward=args.t2i_reward, reward_checkpoints=parse_checkpoints(args.reward_checkpoints),
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, fake_lora_rank=args.fake_lora_rank,
+            fake_lora_alpha=args.fake_lora_alpha, seed=args.seed, device=device,
         )
     raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
 
@@ -335,12 +406,13 @@ def evaluate(world, sigmas, n, seed):
     return samples, cond, world.evaluate(samples, cond)
 
 
-def main(args):
+def main(args, world=None):
+    """Run the method. world: an already built world (tests, notebooks); default make_world(args)."""
     args = resolve_defaults(args)
     validate(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.manual_seed(args.seed)
-    world = make_world(args, device)
+    world = world if world is not None else make_world(args, device)
     run_dir = make_run_dir(args, "dmd")
     (run_dir / "config.json").write_text(json.dumps({"method": "dmd", **asdict(args)}, indent=2))
     sigmas = student_sigmas(world, args.student_steps)
@@ -377,8 +449,11 @@ def main(args):
         if step % args.eval_every == 0 or step == args.num_steps:
             samples, cond, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
             record({"step": step, "time": time.time() - start, **metrics})
-            bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", ed=f"{metrics['energy_distance']:.4f}",
-                            modes=f"{metrics['modes_covered']}/{metrics['n_modes']}")
+            if "energy_distance" in metrics:  # toy metrics; text-to-image worlds report rewards
+                bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", ed=f"{metrics['energy_distance']:.4f}",
+                                modes=f"{metrics['modes_covered']}/{metrics['n_modes']}")
+            else:
+                bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", reward=f"{metrics['mean_reward']:.4f}")
             save_checkpoint(world, run_dir, step)
     log.close()
 

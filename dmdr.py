@@ -72,7 +72,7 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-MODELS = ("toy2d",)  # text-to-image presets (sd3-medium, sdxl, ...) arrive with the t2i world
+MODELS = ('toy2d', 'sd3-medium', 'sd3.5-medium', 'sd3.5-large', 'sdxl')  # toy2d/, and the presets of t2i/
 RL_LOSSES = ("refl", "dpo", "grpo", "none")
 
 
@@ -80,9 +80,27 @@ RL_LOSSES = ("refl", "dpo", "grpo", "none")
 class Args:
     # ---- world ----
     model: str = "toy2d"
-    """world to distil: toy2d (2-D Gaussian mixture, CPU)"""
+    """world to distil: toy2d (2-D Gaussian mixture, CPU), or text-to-image sd3-medium, sd3.5-medium, sd3.5-large, sdxl"""
     model_path: Optional[str] = None
-    """local copy of the model weights (text-to-image worlds)"""
+    """local copy of the model weights (text-to-image worlds; default: the preset's hub repository)"""
+    prompts: Optional[str] = None
+    """text-to-image: training prompts, one per line (default: t2i/prompts/train.txt, a small smoke-test set)"""
+    eval_prompts: Optional[str] = None
+    """text-to-image: held-out evaluation prompts (default: t2i/prompts/eval.txt)"""
+    resolution: Optional[int] = None
+    """text-to-image: image size in pixels (default: the preset's, sd3 512, sdxl 1024)"""
+    t2i_reward: Optional[str] = None
+    """text-to-image reward, name[:weight[:cap]],...: clip, pickscore, aesthetic, hpsv2, imagereward (dmdr: optimised by RT-DM and ReFL)"""
+    reward_checkpoints: Optional[str] = None
+    """text-to-image: local reward weights, name=PATH,... (e.g. clip=/models/clip-vit-large-patch14)"""
+    lora_rank: Optional[int] = None
+    """text-to-image: generator LoRA rank"""
+    lora_alpha: Optional[float] = None
+    """text-to-image: generator LoRA alpha (scale alpha / rank)"""
+    fake_lora_rank: Optional[int] = None
+    """text-to-image: fake-score LoRA rank"""
+    fake_lora_alpha: Optional[float] = None
+    """text-to-image: fake-score LoRA alpha"""
     toy_mixture: str = "ring8"
     """toy teacher: ring8 (8 equal modes), grid25 (5x5, unequal weights), line3"""
     toy_spread: Optional[float] = None
@@ -163,15 +181,27 @@ class Args:
     """steps between metrics.jsonl loss records"""
     eval_every: int = 200
     """steps between evaluations (and checkpoints); each stage's end is always evaluated"""
-    eval_samples: int = 4000
-    """samples per evaluation"""
+    eval_samples: Optional[int] = None
+    """samples per evaluation (toy2d: 4000; text-to-image: 16, one per evaluation prompt)"""
     progress: bool = True
     """show a tqdm progress bar"""
 
 
 MODEL_DEFAULTS = {
-    "toy2d": dict(stage1_steps=1000, stage2_steps=600, batch_size=256, lr_generator=1e-3, lr_fake=1e-3,
+    "toy2d": dict(eval_samples=4000, stage1_steps=1000, stage2_steps=600, batch_size=256, lr_generator=1e-3, lr_fake=1e-3,
                   guidance_scale=1.0, dynamic_steps=500),
+    # text-to-image, DMDR's SD3-M recipe (notes/reference-implementations.md): 4 steps, batch 8 per GPU, lr 1e-6 / 5e-7,
+    # real CFG 7 (SD3.5: 4.5, as RTDMD's SD3.5-M), DynaDG / DynaRS over 2000 generator steps, generator LoRA r64 alpha128,
+    # fake r32 alpha32, ReFL on the hinge relu(0.7 - s) of CLIP and HPSv2.1 at weight 0.3 each (HPSv2.1 needs the optional
+    # hpsv2 package; without it pass --t2i-reward clip:0.3:0.7). Not reproduced: stage 2's lower rates (5e-7 / 2e-7) and
+    # batch 4, the CFG jitter, DFN5B CLIP (ours: openai ViT-L/14). Ours: the stage lengths. SDXL: DMD2's CFG 8 and LoRA lr 5e-5.
+    **{name: dict(stage1_steps=2000, stage2_steps=2000, batch_size=8, lr_generator=1e-6, lr_fake=5e-7,
+                  guidance_scale=7.0 if name == "sd3-medium" else 4.5, dynamic_steps=2000, eval_samples=16,
+                  t2i_reward="clip:0.3:0.7,hpsv2:0.3:0.7", lora_rank=64, lora_alpha=128, fake_lora_rank=32, fake_lora_alpha=32)
+       for name in ("sd3-medium", "sd3.5-medium", "sd3.5-large")},
+    "sdxl": dict(stage1_steps=2000, stage2_steps=2000, batch_size=4, lr_generator=5e-5, lr_fake=5e-5, guidance_scale=8.0,
+                 dynamic_steps=2000, eval_samples=16, t2i_reward="clip:0.3:0.7,hpsv2:0.3:0.7", lora_rank=64, lora_alpha=128,
+                 fake_lora_rank=32, fake_lora_alpha=32),
 }
 
 
@@ -196,7 +226,8 @@ def sample_student(world, cond, sigmas, noise, generator=None, stop=None):
             return x
         x0 = world.x0("generator", x, sigma, cond)
         if k + 1 < len(sigmas):
-            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            where = generator.device if generator is not None else x0.device  # a CPU generator with a CUDA world
+            eps = torch.randn(x0.shape, generator=generator, device=where, dtype=x0.dtype).to(x0.device)
             x = world.renoise(x0, sigmas[k + 1], eps)
     return x0
 
@@ -547,6 +578,8 @@ def validate(args):
             raise ValueError(f"unknown toy path {args.toy_path!r}; valid paths: {', '.join(toy2d.PATHS)}")
         if args.toy_reward not in toy2d.REWARDS:
             raise ValueError(f"unknown toy reward {args.toy_reward!r}; valid rewards: {', '.join(toy2d.REWARDS)}")
+    else:
+        validate_t2i(args)
     if args.rl not in RL_LOSSES:
         raise ValueError(f"unknown RL loss {args.rl!r}; valid RL losses: {', '.join(RL_LOSSES)}")
     if not 1 <= args.student_steps <= 8:
@@ -576,9 +609,33 @@ def validate(args):
             raise ValueError("--rl grpo needs student_steps >= 2 (a 1-step student has no stochastic transition)")
 
 
+# Copied from dmd.py: validate_t2i
+def validate_t2i(args):
+    """The text-to-image options, checked without loading anything (t2i's presets and reward specs are plain data)."""
+    import t2i
+    from t2i.rewards import parse_checkpoints, parse_spec
+
+    t2i.get_preset(args.model)
+    for name in ("prompts", "eval_prompts"):
+        if getattr(args, name) is not None and not Path(getattr(args, name)).is_file():
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {getattr(args, name)} does not exist")
+    if args.model_path is not None and not Path(args.model_path).is_dir():
+        raise FileNotFoundError(f"--model-path {args.model_path} is not a directory (a diffusers-format model folder)")
+    for name in ("t2i_reward", "lora_rank", "lora_alpha", "fake_lora_rank", "fake_lora_alpha"):
+        if getattr(args, name) is None:
+            raise ValueError(f"{name} has no default for model {args.model}: pass --{name.replace('_', '-')}")
+    parse_spec(args.t2i_reward)
+    parse_checkpoints(args.reward_checkpoints)
+    for name in ("lora_rank", "lora_alpha", "fake_lora_rank", "fake_lora_alpha"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
+    if args.resolution is not None and args.resolution < 8:
+        raise ValueError(f"resolution must be >= 8 pixels, got {args.resolution}")
+
+
 # Copied from dmd.py: make_world
 def make_world(args, device):
-    """The world named by --model."""
+    """The world named by --model: the toy, or a text-to-image preset (imported only then: the toy path stays light)."""
     if args.model == "toy2d":
         import toy2d
 
@@ -586,6 +643,16 @@ def make_world(args, device):
         return toy2d.ToyWorld(
             mixture=args.toy_mixture, spread=args.toy_spread, path=args.toy_path, n_classes=args.toy_classes,
             reward=args.toy_reward, seed=args.seed, device=device,
+        )
+    if args.model in MODELS:
+        import t2i
+        from t2i.rewards import parse_checkpoints
+
+        return t2i.T2IWorld(
+            args.model, model_path=args.model_path, prompts=args.prompts, eval_prompts=args.eval_prompts,
+            resolution=args.resolution, reward=args.t2i_reward, reward_checkpoints=parse_checkpoints(args.reward_checkpoints),
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, fake_lora_rank=args.fake_lora_rank,
+            fake_lora_alpha=args.fake_lora_alpha, seed=args.seed, device=device,
         )
     raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
 
@@ -680,8 +747,11 @@ def main(args, world=None):
         if step % args.eval_every == 0 or stage_end:
             samples, _, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
             record({"step": step, "stage": stage, "time": time.time() - start, **metrics})
-            bar.set_postfix(ed=f"{metrics['energy_distance']:.4f}", reward=f"{metrics['mean_reward']:.3f}",
-                            logp=f"{metrics['teacher_logp']:.2f}")
+            if "energy_distance" in metrics:  # toy metrics; text-to-image worlds report rewards only
+                bar.set_postfix(ed=f"{metrics['energy_distance']:.4f}", reward=f"{metrics['mean_reward']:.3f}",
+                                logp=f"{metrics['teacher_logp']:.2f}")
+            else:
+                bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}")
             save_checkpoint(world, run_dir, step)
         if stage_end:
             world.plot_samples(samples, run_dir / f"samples_stage{stage}.png",

@@ -80,16 +80,34 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-MODELS = ("toy2d",)  # text-to-image presets (sd3-medium, ...) arrive with the t2i world
+MODELS = ('toy2d', 'sd3-medium', 'sd3.5-medium', 'sd3.5-large')  # toy2d/, and the presets of t2i/
 
 
 @dataclass
 class Args:
     # ---- world ----
     model: str = "toy2d"
-    """world to distil: toy2d (2-D Gaussian mixture, CPU)"""
+    """world to distil: toy2d (2-D Gaussian mixture, CPU), or text-to-image sd3-medium, sd3.5-medium, sd3.5-large, sdxl"""
     model_path: Optional[str] = None
-    """local copy of the model weights (text-to-image worlds)"""
+    """local copy of the model weights (text-to-image worlds; default: the preset's hub repository)"""
+    prompts: Optional[str] = None
+    """text-to-image: training prompts, one per line (default: t2i/prompts/train.txt, a small smoke-test set)"""
+    eval_prompts: Optional[str] = None
+    """text-to-image: held-out evaluation prompts (default: t2i/prompts/eval.txt)"""
+    resolution: Optional[int] = None
+    """text-to-image: image size in pixels (default: the preset's, sd3 512, sdxl 1024)"""
+    t2i_reward: Optional[str] = None
+    """text-to-image reward, name[:weight[:cap]],...: clip, pickscore, aesthetic, hpsv2, imagereward (rtdmd: the tilt's reward)"""
+    reward_checkpoints: Optional[str] = None
+    """text-to-image: local reward weights, name=PATH,... (e.g. clip=/models/clip-vit-large-patch14)"""
+    lora_rank: Optional[int] = None
+    """text-to-image: generator LoRA rank"""
+    lora_alpha: Optional[float] = None
+    """text-to-image: generator LoRA alpha (scale alpha / rank)"""
+    fake_lora_rank: Optional[int] = None
+    """text-to-image: fake-score LoRA rank"""
+    fake_lora_alpha: Optional[float] = None
+    """text-to-image: fake-score LoRA alpha"""
     toy_mixture: str = "ring8"
     """toy teacher: ring8 (8 equal modes), grid25 (5x5, unequal weights), line3"""
     toy_spread: Optional[float] = None
@@ -180,18 +198,28 @@ class Args:
     """steps between metrics.jsonl loss records"""
     eval_every: int = 200
     """steps between evaluations (and checkpoints)"""
-    eval_samples: int = 4000
-    """samples per evaluation"""
+    eval_samples: Optional[int] = None
+    """samples per evaluation (toy2d: 4000; text-to-image: 16, one per evaluation prompt)"""
     progress: bool = True
     """show a tqdm progress bar"""
 
 
 MODEL_DEFAULTS = {
-    "toy2d": dict(
+    "toy2d": dict(eval_samples=4000, 
         cold_steps=400, batch_size=256, lr_generator=1e-3, lr_fake=1e-3, guidance_scale=1.0, dm_scale="kl",
         rl_steps=800, lr_generator_rl=3e-4, groups=16, group_size=16, advantage="center", rl_dm_full_chain=True,
         rl_renoise_max=0.5,
     ),
+    # text-to-image (flow presets only), RTDMD's recipe (notes/reference-implementations.md): AC-DMD cold start 1500 steps
+    # at lr 3e-5, RL 1000 steps at 3e-6, group size 16 (SD3-M), the paper's normalised scales (dm_scale dmd2, std
+    # advantages clipped to 5, AC-DMD at a random step), real CFG 7 (SD3-M) / 4.5 (SD3.5), LoRA r32 alpha64 on both roles.
+    # Not reproduced: per-reward advantage normalisation (ours: one weighted reward, PickScore + CLIP score), fake_updates
+    # 10 (pass --fake-updates-per-step 10). Ours: batch 8, 4 groups per update, rl_renoise_max = renoise_max.
+    **{name: dict(cold_steps=1500, batch_size=8, lr_generator=3e-5, lr_fake=3e-5,
+                  guidance_scale=7.0 if name == "sd3-medium" else 4.5, dm_scale="dmd2", rl_steps=1000, lr_generator_rl=3e-6,
+                  groups=4, group_size=16, advantage="std", rl_dm_full_chain=False, rl_renoise_max=0.98, eval_samples=16,
+                  t2i_reward="pickscore,clip", lora_rank=32, lora_alpha=64, fake_lora_rank=32, fake_lora_alpha=64)
+       for name in ("sd3-medium", "sd3.5-medium", "sd3.5-large")},
 }
 
 
@@ -443,7 +471,7 @@ def group_noises(world, cond, big_k, group_size, subset_size, naive, generator=N
     mask = mask.repeat_interleave(group_size, 0).to(x_start.device)
     share = lambda z: z[::group_size].repeat_interleave(group_size, 0)  # noqa: E731  (the group's first draw)
     x_start = share(x_start)
-    noises = [torch.where(mask[:, k, None], z, share(z)) for k, z in enumerate(noises)]
+    noises = [torch.where(mask[:, k].reshape(-1, *[1] * (z.dim() - 1)), z, share(z)) for k, z in enumerate(noises)]
     return x_start, noises, mask
 
 
@@ -564,6 +592,9 @@ def resolve_defaults(args):
 
 def validate(args):
     """Every check that can fail before any work starts."""
+    if args.model == "sdxl":
+        raise ValueError("RTDMD's CPS sampler needs a flow model (x = (1 - sigma) x0 + sigma eps); sdxl is a VP / eps model. "
+                         f"Use one of {', '.join(m for m in MODELS if m != 'toy2d')} (or dmd.py / dmdr.py / gdmd.py for sdxl)")
     if args.model not in MODELS:
         raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
     if args.model == "toy2d":
@@ -577,6 +608,8 @@ def validate(args):
             raise ValueError("RTDMD's CPS sampler needs a flow world (x = (1 - sigma) x0 + sigma eps); use --toy-path flow")
         if args.toy_reward not in toy2d.REWARDS:
             raise ValueError(f"unknown toy reward {args.toy_reward!r}; valid rewards: {', '.join(toy2d.REWARDS)}")
+    else:
+        validate_t2i(args)
     if not 2 <= args.student_steps <= 8:
         raise ValueError(f"student_steps must be in 2..8 (RTDMD needs a stochastic step), got {args.student_steps}")
     if not 0.0 <= args.eta <= 1.0:
@@ -611,6 +644,30 @@ def validate(args):
         raise ValueError(f"advantage must be center or std, got {args.advantage!r}")
 
 
+# Copied from dmd.py: validate_t2i
+def validate_t2i(args):
+    """The text-to-image options, checked without loading anything (t2i's presets and reward specs are plain data)."""
+    import t2i
+    from t2i.rewards import parse_checkpoints, parse_spec
+
+    t2i.get_preset(args.model)
+    for name in ("prompts", "eval_prompts"):
+        if getattr(args, name) is not None and not Path(getattr(args, name)).is_file():
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {getattr(args, name)} does not exist")
+    if args.model_path is not None and not Path(args.model_path).is_dir():
+        raise FileNotFoundError(f"--model-path {args.model_path} is not a directory (a diffusers-format model folder)")
+    for name in ("t2i_reward", "lora_rank", "lora_alpha", "fake_lora_rank", "fake_lora_alpha"):
+        if getattr(args, name) is None:
+            raise ValueError(f"{name} has no default for model {args.model}: pass --{name.replace('_', '-')}")
+    parse_spec(args.t2i_reward)
+    parse_checkpoints(args.reward_checkpoints)
+    for name in ("lora_rank", "lora_alpha", "fake_lora_rank", "fake_lora_alpha"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
+    if args.resolution is not None and args.resolution < 8:
+        raise ValueError(f"resolution must be >= 8 pixels, got {args.resolution}")
+
+
 def make_world(args, device):
     """The world named by --model (a flow world)."""
     if args.model == "toy2d":
@@ -620,6 +677,16 @@ def make_world(args, device):
         world = toy2d.ToyWorld(
             mixture=args.toy_mixture, spread=args.toy_spread, path=args.toy_path, n_classes=args.toy_classes,
             reward=args.toy_reward, reward_angle=args.toy_reward_angle, seed=args.seed, device=device,
+        )
+    elif args.model in MODELS:
+        import t2i
+        from t2i.rewards import parse_checkpoints
+
+        world = t2i.T2IWorld(
+            args.model, model_path=args.model_path, prompts=args.prompts, eval_prompts=args.eval_prompts,
+            resolution=args.resolution, reward=args.t2i_reward, reward_checkpoints=parse_checkpoints(args.reward_checkpoints),
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, fake_lora_rank=args.fake_lora_rank,
+            fake_lora_alpha=args.fake_lora_alpha, seed=args.seed, device=device,
         )
     else:
         raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
@@ -661,12 +728,13 @@ def evaluate(world, schedule, eta, n, seed, beta=None):
     return samples, cond, world.evaluate(samples, cond, beta=beta)
 
 
-def main(args):
+def main(args, world=None):
+    """Run the method. world: an already built world (tests, notebooks); default make_world(args)."""
     args = resolve_defaults(args)
     validate(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.manual_seed(args.seed)
-    world = make_world(args, device)
+    world = world if world is not None else make_world(args, device)
     run_dir = make_run_dir(args, "rtdmd")
     (run_dir / "config.json").write_text(json.dumps({"method": "rtdmd", **asdict(args)}, indent=2))
     schedule = student_schedule(world, args.student_steps)
@@ -711,7 +779,8 @@ def main(args):
         if step % args.eval_every == 0 or step == args.cold_steps or step == total:
             samples, cond, metrics = evaluate(world, schedule, args.eta, args.eval_samples, args.seed + 1, beta)
             record({"step": step, "stage": stage, "time": time.time() - start, **metrics})
-            bar.set_postfix(ed=f"{metrics['energy_distance']:.4f}", reward=f"{metrics['mean_reward']:.3f}")
+            bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}",
+                            **({"ed": f"{metrics['energy_distance']:.4f}"} if "energy_distance" in metrics else {}))
             save_checkpoint(world, run_dir, step)
     log.close()
 

@@ -232,7 +232,17 @@ class T2IWorld:
         s = sigma.double().clamp(float(tab[0]), float(tab[-1]))
         i = torch.searchsorted(tab, s).clamp(1, len(tab) - 1)
         tau = (i - 1) + (s - tab[i - 1]) / (tab[i] - tab[i - 1])
+        # a float32 sigma carries ~1e-4 of timestep round-off: snap to the schedule's integer timesteps (those of the
+        # stock pipelines, e.g. DMD2's 999 / 749 / 499 / 249), which x0 = (x - sigma eps) / alpha amplifies at high noise
+        tau = torch.where((tau - tau.round()).abs() < 1e-3, tau.round(), tau)
         return tau.float()
+
+    def _vp_coefficients(self, tau):
+        """(alpha, sigma) (n, 1, 1, 1) in float64 at (fractional) timesteps tau (n,), from the interpolated table."""
+        lo = tau.double().floor().long().clamp(0, self.num_train_timesteps - 2)
+        frac = (tau.double() - lo)
+        sig = (self._vp_sigmas[lo] * (1 - frac) + self._vp_sigmas[lo + 1] * frac).reshape(-1, 1, 1, 1)
+        return (1 - sig**2).sqrt(), sig
 
     # ---- the three roles ----
     def x0(self, role, x, sigma, cond, cfg=1.0, adapter_scale=1.0):
@@ -248,8 +258,11 @@ class T2IWorld:
             x_in, s_in, c_in = x, sigma, cond
         with self.adapter(role, adapter_scale):
             out = self._forward(x_in, s_in, c_in).float()  # native output: velocity (SD3) / eps (SDXL)
-        s = s_in.reshape(-1, 1, 1, 1)
-        x0 = x_in - s * out if self.is_flow else (x_in - s * out) / self.alpha(s)
+        if self.is_flow:
+            x0 = x_in - s_in.reshape(-1, 1, 1, 1) * out
+        else:  # alpha, sigma from the schedule in float64: near sigma = 1, sqrt(1 - sigma^2) of a float32 sigma is off by 1e-5
+            alpha, sig = self._vp_coefficients(self.timestep(s_in))
+            x0 = ((x_in.double() - sig * out.double()) / alpha).float()
         if guided:
             uncond, cond_pred = x0.chunk(2)
             return uncond + cfg * (cond_pred - uncond)
@@ -300,6 +313,10 @@ class T2IWorld:
         if set(state) != expected:
             missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
             raise ValueError(f"{path} does not match the {role} adapter (missing {missing}, unexpected {extra})")
+        for name, p in mine.items():
+            if state[self._strip(name, role)].shape != p.shape:
+                raise ValueError(f"{path} does not match the {role} adapter: {self._strip(name, role)} has shape "
+                                 f"{tuple(state[self._strip(name, role)].shape)}, the adapter {tuple(p.shape)} (another rank?)")
         with torch.no_grad():
             for name, p in mine.items():
                 p.copy_(state[self._strip(name, role)].to(p))
@@ -348,7 +365,7 @@ class T2IWorld:
         """Metric curves (one panel per key) from metrics.jsonl records; reward terms are added automatically."""
         from toy2d.plots import plot_curves
 
-        extra = sorted({k for r in history for k in r if k.startswith("reward_")})
+        extra = ["mean_reward"] + sorted({k for r in history for k in r if k.startswith("reward_")})
         plot_curves(history, list(keys) + extra, path, title)
 
     # ---- internals ----
