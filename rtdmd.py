@@ -287,7 +287,9 @@ def sample_student(world, cond, schedule, eta, noise, stop=None, noises=None, ge
         x0 = world.x0("generator", x, schedule[k - 1], cond)
         if schedule[k] == 0:  # the deterministic last step (t_K = 0)
             return x0
-        z = noises[k - 1] if noises is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        where = generator.device if generator is not None else x.device  # a CPU generator with a CUDA world
+        z = noises[k - 1] if noises is not None else torch.randn(x.shape, generator=generator, device=where,
+                                                                 dtype=x.dtype).to(x.device)
         x = cps_step(x, x0, schedule[k - 1], schedule[k], eta, z)
     return x
 

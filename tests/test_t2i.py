@@ -129,6 +129,28 @@ def test_each_role_gradient_reaches_only_its_adapter(tiny, model):
 
 
 @pytest.mark.parametrize("model", FAMILIES)
+def test_bf16_base_with_fp32_adapters(tiny, model):
+    """The GPU precision layout on CPU: base in bf16, adapters (and so the optimiser state) in fp32, x0 returned in fp32;
+    the generator's fp32 gradients are finite and close to those of an all-fp32 world (bf16 round-off only)."""
+    worlds = [make_world(tiny, model, dtype=dtype) for dtype in (torch.bfloat16, torch.float32)]
+    out = []
+    for world in worlds:
+        perturb(world, "generator", scale=0.2)
+        cond = world.sample_cond(2, split="eval")
+        x = world.noise(cond, torch.Generator().manual_seed(0))
+        x0 = world.x0("generator", x, 0.5, cond, cfg=3.0)
+        x0.square().mean().backward()
+        out.append((x0.detach(), torch.cat([p.grad.flatten() for p in world.params("generator")])))
+    bf16 = worlds[0]
+    assert next(bf16.net.parameters()).dtype == torch.bfloat16 and out[0][0].dtype == torch.float32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in bf16.params("generator"))
+    assert torch.isfinite(out[0][1]).all()
+    rel = (out[0][1] - out[1][1]).norm() / out[1][1].norm()
+    assert rel < 0.1, rel  # bf16 has 8 mantissa bits: a few percent, not a different gradient
+    assert (out[0][0] - out[1][0]).abs().mean() < 0.05 * out[1][0].abs().mean()
+
+
+@pytest.mark.parametrize("model", FAMILIES)
 def test_adapter_scale_cfg_and_teacher(tiny, model):
     """x0("fake", scale s) is base + s * LoRA (= the fake adapter with s times its B matrices at scale 1); scale 0 and
     the untrained adapters are the teacher; CFG is uncond + w (cond - uncond) with the empty prompt as uncond."""
