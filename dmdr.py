@@ -441,7 +441,7 @@ def fake_updates(world, args, sigmas, step, opt_fake):
         check_finite(loss, "fake_score_loss")
         opt_fake.zero_grad(set_to_none=True)
         loss.backward()
-        clip(world.params("fake"), args.grad_clip)
+        sync_and_clip(world.params("fake"), args.grad_clip)
         opt_fake.step()
         losses.append(loss.item())
     return sum(losses) / len(losses)
@@ -477,7 +477,7 @@ def stage1_step(world, args, sigmas, step, opt_generator, opt_fake):
     check_finite(loss, "dmd_loss")
     opt_generator.zero_grad(set_to_none=True)
     loss.backward()
-    clip(world.params("generator"), args.grad_clip)
+    sync_and_clip(world.params("generator"), args.grad_clip)
     opt_generator.step()
     out = {"dmd_loss": loss.item(), "fake_loss": fake_loss, "train_reward": reward.mean().item(), "student_step": k}
     if weights is not None:
@@ -534,7 +534,7 @@ def stage2_step(world, args, sigmas, step, opt_generator, opt_fake, ref_values):
         total = total + args.lambda_rl * loss_rl
     opt_generator.zero_grad(set_to_none=True)
     total.backward()
-    clip(world.params("generator"), args.grad_clip)
+    sync_and_clip(world.params("generator"), args.grad_clip)
     opt_generator.step()
     return out
 
@@ -550,10 +550,36 @@ def check_finite(loss, name):
         raise FloatingPointError(f"{name} is {loss.item()}")
 
 
-# Copied from dmd.py: clip
-def clip(params, max_norm):
+# Copied from dmd.py: sync_and_clip
+def sync_and_clip(params, max_norm):
+    """Average the gradients over the data-parallel ranks (torchrun; a no-op in one process), then clip their norm
+    (0: off). Every rank then takes the same optimiser step: the adapters stay identical on every rank."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce for the whole adapter
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+        for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = chunk.view_as(p).clone()
     if max_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+# Copied from dmd.py: setup_distributed
+def setup_distributed(args):
+    """torchrun --nproc_per_node N: data parallel, one process per GPU (NCCL; gloo on CPUs). Returns (rank, world_size,
+    device). Without torchrun: (0, 1, --device). Each rank draws its own noise, prompts and levels (batch_size is per
+    rank); sync_and_clip averages the adapter gradients; rank 0 alone evaluates, logs and saves."""
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    return rank, world_size, f"cuda:{local_rank}" if cuda else "cpu"
 
 
 # Copied from dmd.py: resolve_defaults
@@ -696,29 +722,34 @@ def main(args, world=None):
     """Run both stages. world: an already built world (tests, notebooks); default make_world(args)."""
     args = resolve_defaults(args)
     validate(args)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    rank, world_size, device = setup_distributed(args)
     torch.manual_seed(args.seed)
     world = world if world is not None else make_world(args, device)
-    run_dir = make_run_dir(args, "dmdr")
-    (run_dir / "config.json").write_text(json.dumps({"method": "dmdr", **asdict(args)}, indent=2))
+    if world_size > 1:
+        torch.manual_seed(args.seed + 1000 * rank)  # data parallel: each rank its own noise, prompts and levels
+    lead = rank == 0  # data parallel: rank 0 alone evaluates, logs and saves
+    run_dir = make_run_dir(args, "dmdr") if lead else None
+    if lead:
+        (run_dir / "config.json").write_text(json.dumps({"method": "dmdr", **asdict(args)}, indent=2))
     sigmas = student_sigmas(world, args.student_steps)
     opt_generator = torch.optim.AdamW(world.params("generator"), args.lr_generator, weight_decay=args.weight_decay_generator)
     opt_fake = torch.optim.AdamW(world.params("fake"), args.lr_fake, weight_decay=0.0)
 
     history = []
-    log = open(run_dir / "metrics.jsonl", "a")
+    log = open(run_dir / "metrics.jsonl", "a") if lead else open(os.devnull, "w")
 
     def record(entry):
         history.append(entry)
         log.write(json.dumps(entry) + "\n")
         log.flush()
 
-    samples, _, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
-    record({"step": 0, "stage": 0, **metrics})
-    save_checkpoint(world, run_dir, 0)
+    if lead:
+        samples, _, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
+        record({"step": 0, "stage": 0, **metrics})
+        save_checkpoint(world, run_dir, 0)
     start = time.time()
     total = args.stage1_steps + args.stage2_steps
-    bar = tqdm(total=total, desc="dmdr stage 1", disable=not args.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="dmdr stage 1", disable=not (args.progress and lead), dynamic_ncols=True)
     ref_values = None
     for step in range(1, total + 1):
         stage = 1 if step <= args.stage1_steps else 2
@@ -744,7 +775,7 @@ def main(args, world=None):
             record({"step": step, "stage": stage, "time": time.time() - start, **losses})
             bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k in ("dmd_loss", "rl_loss", "train_reward")})
         stage_end = step in (args.stage1_steps, total)
-        if step % args.eval_every == 0 or stage_end:
+        if lead and (step % args.eval_every == 0 or stage_end):
             samples, _, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
             record({"step": step, "stage": stage, "time": time.time() - start, **metrics})
             if "energy_distance" in metrics:  # toy metrics; text-to-image worlds report rewards only
@@ -753,11 +784,13 @@ def main(args, world=None):
             else:
                 bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}")
             save_checkpoint(world, run_dir, step)
-        if stage_end:
+        if lead and stage_end:
             world.plot_samples(samples, run_dir / f"samples_stage{stage}.png",
                                f"dmdr stage {stage}, {args.student_steps}-step student, step {step}")
     bar.close()
     log.close()
+    if not lead:  # data parallel: the other ranks stop here; rank 0 writes the figures
+        return {"run_dir": None, "history": history, "final": history[-1] if history else {}, "world": world}
     if total == 0:
         world.plot_samples(samples, run_dir / "samples_stage0.png", "dmdr, untrained student")
     world.plot_curves(history, ["dmd_loss", "fake_loss", "rl_loss", "mean_reward", "teacher_logp", "energy_distance"],

@@ -428,7 +428,7 @@ def fake_score_updates(world, args, sigmas, opt_fake):
         check_finite(loss, "fake_score_loss")
         opt_fake.zero_grad(set_to_none=True)
         loss.backward()
-        clip(world.params("fake"), args.grad_clip)
+        sync_and_clip(world.params("fake"), args.grad_clip)
         opt_fake.step()
         losses.append(loss.item())
     return sum(losses) / len(losses)
@@ -455,7 +455,7 @@ def train_step(world, args, sigmas, opt_generator, opt_fake, snapshots, gdmd_on)
     check_finite(loss, "gdmd_loss" if gdmd_on else "dmd_loss")
     opt_generator.zero_grad(set_to_none=True)
     loss.backward()
-    clip(world.params("generator"), args.grad_clip)
+    sync_and_clip(world.params("generator"), args.grad_clip)
     opt_generator.step()
     return {**stats, "fake_loss": fake_loss, "student_step": k}
 
@@ -471,10 +471,36 @@ def check_finite(loss, name):
         raise FloatingPointError(f"{name} is {loss.item()}")
 
 
-# Copied from dmd.py: clip
-def clip(params, max_norm):
+# Copied from dmd.py: sync_and_clip
+def sync_and_clip(params, max_norm):
+    """Average the gradients over the data-parallel ranks (torchrun; a no-op in one process), then clip their norm
+    (0: off). Every rank then takes the same optimiser step: the adapters stay identical on every rank."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce for the whole adapter
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+        for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = chunk.view_as(p).clone()
     if max_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+# Copied from dmd.py: setup_distributed
+def setup_distributed(args):
+    """torchrun --nproc_per_node N: data parallel, one process per GPU (NCCL; gloo on CPUs). Returns (rank, world_size,
+    device). Without torchrun: (0, 1, --device). Each rank draws its own noise, prompts and levels (batch_size is per
+    rank); sync_and_clip averages the adapter gradients; rank 0 alone evaluates, logs and saves."""
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    return rank, world_size, f"cuda:{local_rank}" if cuda else "cpu"
 
 
 # Copied from dmd.py: resolve_defaults
@@ -620,14 +646,18 @@ def main(args, world=None):
     """Run the method. world: an already built world (tests, notebooks); default make_world(args)."""
     args = resolve_defaults(args)
     validate(args)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    rank, world_size, device = setup_distributed(args)
     torch.manual_seed(args.seed)
     world = world if world is not None else make_world(args, device)
+    if world_size > 1:
+        torch.manual_seed(args.seed + 1000 * rank)  # data parallel: each rank its own noise, prompts and levels
+    lead = rank == 0  # data parallel: rank 0 alone evaluates, logs and saves
     if args.init_checkpoint is not None:
         for role in ("generator", "fake"):
             world.load(role, args.init_checkpoint)
-    run_dir = make_run_dir(args, "gdmd")
-    (run_dir / "config.json").write_text(json.dumps({"method": "gdmd", **asdict(args)}, indent=2))
+    run_dir = make_run_dir(args, "gdmd") if lead else None
+    if lead:
+        (run_dir / "config.json").write_text(json.dumps({"method": "gdmd", **asdict(args)}, indent=2))
     sigmas = student_sigmas(world, args.student_steps)
     opt_generator = torch.optim.AdamW(world.params("generator"), args.lr_generator, weight_decay=args.weight_decay_generator)
     opt_fake = torch.optim.AdamW(world.params("fake"), args.lr_fake, weight_decay=0.0)
@@ -635,18 +665,19 @@ def main(args, world=None):
     snapshots = FakeSnapshots(args.group_size - 1 if use_snapshots else 0)
 
     history = []
-    log = open(run_dir / "metrics.jsonl", "a")
+    log = open(run_dir / "metrics.jsonl", "a") if lead else open(os.devnull, "w")
 
     def record(entry):
         history.append(entry)
         log.write(json.dumps(entry) + "\n")
         log.flush()
 
-    _, _, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
-    record({"step": 0, **metrics})
-    save_checkpoint(world, run_dir, 0)
+    if lead:
+        _, _, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
+        record({"step": 0, **metrics})
+        save_checkpoint(world, run_dir, 0)
     start = time.time()
-    bar = tqdm(range(1, args.num_steps + 1), desc="gdmd", disable=not args.progress, dynamic_ncols=True)
+    bar = tqdm(range(1, args.num_steps + 1), desc="gdmd", disable=not (args.progress and lead), dynamic_ncols=True)
     for step in bar:
         gdmd_on = step > args.cold_start_steps
         if step == args.cold_start_steps + 1:
@@ -665,13 +696,15 @@ def main(args, world=None):
         if step % args.log_every == 0:
             record({"step": step, "time": time.time() - start, "gdmd": int(gdmd_on), **losses})
             bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", fake=f"{losses['fake_loss']:.3f}")
-        if step % args.eval_every == 0 or step == args.num_steps:
+        if lead and (step % args.eval_every == 0 or step == args.num_steps):
             samples, cond, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
             record({"step": step, "time": time.time() - start, **metrics})
             bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", reward=f"{metrics['mean_reward']:.3f}",
                             **({"ed": f"{metrics['energy_distance']:.4f}"} if "energy_distance" in metrics else {}))
             save_checkpoint(world, run_dir, step)
     log.close()
+    if not lead:  # data parallel: the other ranks stop here; rank 0 writes the figures
+        return {"run_dir": None, "history": history, "final": history[-1] if history else {}, "world": world}
 
     name = "naive fusion" if args.naive_fusion else "gdmd"
     world.plot_samples(samples, run_dir / "samples.png",

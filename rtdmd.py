@@ -436,7 +436,7 @@ def fake_update(world, args, schedule, opt_fake, last=False):
     check_finite(total, "fake_loss")
     opt_fake.zero_grad(set_to_none=True)
     total.backward()
-    clip(world.params("fake"), args.grad_clip)
+    sync_and_clip(world.params("fake"), args.grad_clip)
     opt_fake.step()
     return loss.item(), cons.item()
 
@@ -542,7 +542,7 @@ def rl_update(world, args, schedule, opt_generator):
     check_finite(loss, "rl_loss")
     opt_generator.zero_grad(set_to_none=True)
     loss.backward()
-    clip(world.params("generator"), args.grad_clip)
+    sync_and_clip(world.params("generator"), args.grad_clip)
     opt_generator.step()
     return {"dm_loss": dm.item(), "stoc": stoc.item(), "det": det.item(), "reward": rewards.mean().item(), "student_step": k}
 
@@ -553,7 +553,7 @@ def cold_update(world, args, schedule, opt_generator):
     check_finite(loss, "dm_loss")
     opt_generator.zero_grad(set_to_none=True)
     loss.backward()
-    clip(world.params("generator"), args.grad_clip)
+    sync_and_clip(world.params("generator"), args.grad_clip)
     opt_generator.step()
     return {"dm_loss": loss.item(), "student_step": k}
 
@@ -577,10 +577,36 @@ def check_finite(loss, name):
         raise FloatingPointError(f"{name} is {loss.item()}")
 
 
-# Copied from dmd.py: clip
-def clip(params, max_norm):
+# Copied from dmd.py: sync_and_clip
+def sync_and_clip(params, max_norm):
+    """Average the gradients over the data-parallel ranks (torchrun; a no-op in one process), then clip their norm
+    (0: off). Every rank then takes the same optimiser step: the adapters stay identical on every rank."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce for the whole adapter
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+        for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = chunk.view_as(p).clone()
     if max_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+# Copied from dmd.py: setup_distributed
+def setup_distributed(args):
+    """torchrun --nproc_per_node N: data parallel, one process per GPU (NCCL; gloo on CPUs). Returns (rank, world_size,
+    device). Without torchrun: (0, 1, --device). Each rank draws its own noise, prompts and levels (batch_size is per
+    rank); sync_and_clip averages the adapter gradients; rank 0 alone evaluates, logs and saves."""
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    return rank, world_size, f"cuda:{local_rank}" if cuda else "cpu"
 
 
 # Copied from dmd.py: resolve_defaults
@@ -734,35 +760,41 @@ def main(args, world=None):
     """Run the method. world: an already built world (tests, notebooks); default make_world(args)."""
     args = resolve_defaults(args)
     validate(args)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    rank, world_size, device = setup_distributed(args)
     torch.manual_seed(args.seed)
     world = world if world is not None else make_world(args, device)
-    run_dir = make_run_dir(args, "rtdmd")
-    (run_dir / "config.json").write_text(json.dumps({"method": "rtdmd", **asdict(args)}, indent=2))
+    if world_size > 1:
+        torch.manual_seed(args.seed + 1000 * rank)  # data parallel: each rank its own noise, prompts and levels
+    lead = rank == 0  # data parallel: rank 0 alone evaluates, logs and saves
+    run_dir = make_run_dir(args, "rtdmd") if lead else None
+    if lead:
+        (run_dir / "config.json").write_text(json.dumps({"method": "rtdmd", **asdict(args)}, indent=2))
     schedule = student_schedule(world, args.student_steps)
     opt_generator = torch.optim.AdamW(world.params("generator"), args.lr_generator, weight_decay=args.weight_decay_generator)
     opt_fake = torch.optim.AdamW(world.params("fake"), args.lr_fake, weight_decay=0.0)
     beta = args.beta if args.toy_reward in ("linear", "quadratic") else None
 
     history = []
-    log = open(run_dir / "metrics.jsonl", "a")
+    log = open(run_dir / "metrics.jsonl", "a") if lead else open(os.devnull, "w")
 
     def record(entry):
         history.append(entry)
         log.write(json.dumps(entry) + "\n")
         log.flush()
 
-    samples, _, metrics = evaluate(world, schedule, args.eta, args.eval_samples, args.seed + 1, beta)
-    record({"step": 0, "stage": 1, **metrics})
-    save_checkpoint(world, run_dir, 0)
+    if lead:
+        samples, _, metrics = evaluate(world, schedule, args.eta, args.eval_samples, args.seed + 1, beta)
+        record({"step": 0, "stage": 1, **metrics})
+        save_checkpoint(world, run_dir, 0)
     start = time.time()
     total = args.cold_steps + args.rl_steps
-    bar = tqdm(range(1, total + 1), desc="rtdmd stage 1 (AC-DMD)", disable=not args.progress, dynamic_ncols=True)
+    bar = tqdm(range(1, total + 1), desc="rtdmd stage 1 (AC-DMD)", disable=not (args.progress and lead), dynamic_ncols=True)
     for step in bar:
         stage = 1 if step <= args.cold_steps else 2
         if stage == 2 and step == args.cold_steps + 1:
-            world.plot_samples(samples, run_dir / "samples_cold_start.png",
-                               f"rtdmd after stage 1 (AC-DMD), step {args.cold_steps}", beta=beta)
+            if lead:
+                world.plot_samples(samples, run_dir / "samples_cold_start.png",
+                                   f"rtdmd after stage 1 (AC-DMD), step {args.cold_steps}", beta=beta)
             for group in opt_generator.param_groups:
                 group["lr"] = args.lr_generator_rl
             bar.set_description("rtdmd stage 2 (reward-tilted KL)")
@@ -778,13 +810,15 @@ def main(args, world=None):
         if step % args.log_every == 0:
             record({"step": step, "stage": stage, "time": time.time() - start, **losses})
             bar.set_postfix(dm=f"{losses['dm_loss']:.2e}", fake=f"{losses['fake_loss']:.3f}")
-        if step % args.eval_every == 0 or step == args.cold_steps or step == total:
+        if lead and (step % args.eval_every == 0 or step == args.cold_steps or step == total):
             samples, cond, metrics = evaluate(world, schedule, args.eta, args.eval_samples, args.seed + 1, beta)
             record({"step": step, "stage": stage, "time": time.time() - start, **metrics})
             bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}",
                             **({"ed": f"{metrics['energy_distance']:.4f}"} if "energy_distance" in metrics else {}))
             save_checkpoint(world, run_dir, step)
     log.close()
+    if not lead:  # data parallel: the other ranks stop here; rank 0 writes the figures
+        return {"run_dir": None, "history": history, "final": history[-1] if history else {}, "world": world}
 
     world.plot_samples(samples, run_dir / "samples.png",
                        f"rtdmd, {args.student_steps}-step student, beta={args.beta}, step {total}", beta=beta)
