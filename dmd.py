@@ -5,6 +5,7 @@
     python dmd.py --toy-mixture grid25 --toy-path vp --fake-ema 0.9 --renoise-min 0.5   # Flash-DMD options
     python dmd.py --model sd3-medium               # SD3-Medium, 4-step LoRA student (GPU; hub weights, or --model-path DIR)
     python dmd.py --model sdxl                     # SDXL, DMD2's 4-step LoRA recipe
+    torchrun --nproc_per_node 8 dmd.py --model sdxl  # data parallel on 8 GPUs (--batch-size is per GPU)
     python dmd.py --help                           # every option, with its default
 
 A run writes runs/dmd__<model>__<seed>__<time>/: config.json, metrics.jsonl (losses, evaluation metrics),

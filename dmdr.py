@@ -5,6 +5,9 @@
     python dmdr.py --no-dmd                          # "RL only" ablation (paper fig. 4): stage 2 without the DMD loss
     python dmdr.py --no-rt-dm --no-dyna-dg --no-dyna-rs --stage2-steps 0 --lora-scale-f 1   # plain DMD2 (= dmd.py)
     python dmdr.py --stage1-steps 0 --stage2-steps 500 --lambda-rl 1.0
+    python dmdr.py --model sd3-medium                # SD3-Medium, DMDR's recipe (GPU; reward CLIP + HPSv2.1: pip install hpsv2)
+    python dmdr.py --model sd3-medium --t2i-reward clip:0.3:0.7 --model-path DIR  # without hpsv2, local weights
+    torchrun --nproc_per_node 8 dmdr.py --model sd3-medium  # data parallel (--batch-size is per GPU, 8 in the paper)
     python dmdr.py --help                            # every option, with its default
 
 A run writes runs/dmdr__<model>__<seed>__<time>/: config.json, metrics.jsonl (losses, rewards, evaluation metrics),

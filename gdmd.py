@@ -4,6 +4,7 @@
     python gdmd.py --naive-fusion                   # the baseline: score the raw sample instead of the targets
     python gdmd.py --group-source snapshots         # target group from fake-score snapshots instead of renoise levels
     python gdmd.py --init-checkpoint runs/dmd__toy2d__0__<time>/checkpoint --cold-start-steps 0   # GDMD from a DMD run
+    python gdmd.py --model sd3-medium --prompts my_prompts.txt  # text-to-image (GPU), PickScore on the targets
     python gdmd.py --help                           # every option, with its default
 
 A run writes runs/gdmd__<model>__<seed>__<time>/: config.json, metrics.jsonl (losses, target rewards, advantages,

@@ -13,6 +13,7 @@
     python rtdmd.py                                   #     + L_det (the default)
     python rtdmd.py --rl-steps 0 --gamma 0            # table 3: A-DMD (no consistency regulariser)
     python rtdmd.py --dm-scale dmd2 --advantage std --rl-dm-full-chain False   # paper scales
+    python rtdmd.py --model sd3.5-medium              # text-to-image, flow presets only (GPU); the paper's scales
     python rtdmd.py --help                            # every option, with its default
 
 A run writes runs/rtdmd__<model>__<seed>__<time>/: config.json, metrics.jsonl, checkpoint/ (generator and fake
