@@ -642,7 +642,7 @@ def validate(args):
 def validate_t2i(args):
     """The text-to-image options, checked without loading anything (t2i's presets and reward specs are plain data)."""
     import t2i
-    from t2i.rewards import parse_checkpoints, parse_spec
+    from t2i.rewards import check_packages, parse_checkpoints, parse_spec
 
     t2i.get_preset(args.model)
     for name in ("prompts", "eval_prompts"):
@@ -653,7 +653,7 @@ def validate_t2i(args):
     for name in ("t2i_reward", "lora_rank", "lora_alpha", "fake_lora_rank", "fake_lora_alpha"):
         if getattr(args, name) is None:
             raise ValueError(f"{name} has no default for model {args.model}: pass --{name.replace('_', '-')}")
-    parse_spec(args.t2i_reward)
+    check_packages(parse_spec(args.t2i_reward))  # hpsv2 / image-reward missing: say so before loading anything
     parse_checkpoints(args.reward_checkpoints)
     for name in ("lora_rank", "lora_alpha", "fake_lora_rank", "fake_lora_alpha"):
         if not getattr(args, name) > 0:

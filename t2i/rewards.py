@@ -269,6 +269,24 @@ def parse_spec(spec):
     return terms
 
 
+OPTIONAL_PACKAGES = {"hpsv2": ("hpsv2", "hpsv2"), "imagereward": ("ImageReward", "image-reward")}  # reward: (module, pip name)
+
+
+def check_packages(terms):
+    """Fail early (before any model loads) when a reward of the spec needs an optional package that is not installed."""
+    import importlib.util
+
+    for name, _, _ in terms:
+        if name in OPTIONAL_PACKAGES and importlib.util.find_spec(OPTIONAL_PACKAGES[name][0]) is None:
+            module, pip_name = OPTIONAL_PACKAGES[name]
+            raise ImportError(
+                f"reward {name!r} needs the optional package {pip_name} (pip install {pip_name}; it pulls torchvision, "
+                f"which is why it is not in requirements.txt: install it with a torchvision that matches your torch). "
+                f"Or choose other rewards, e.g. --t2i-reward clip:0.3:0.7 or pickscore."
+            )
+    return terms
+
+
 def parse_checkpoints(text):
     """"clip=/models/clip,aesthetic=/models/head.pth" -> dict (None or "" -> {})."""
     out = {}

@@ -448,6 +448,11 @@ def test_bad_input_fails_before_loading(tiny, tmp_path):
         rtdmd.validate(rtdmd.resolve_defaults(rtdmd.Args(model="sdxl")))
     with pytest.raises(ValueError, match="unknown reward"):
         dmdr.validate(dmdr.resolve_defaults(dmdr.Args(model="sd3-medium", t2i_reward="clip,nope")))
+    import importlib.util
+
+    if importlib.util.find_spec("hpsv2") is None:  # DMDR's default reward (CLIP + HPSv2.1) on a machine without hpsv2
+        with pytest.raises(ImportError, match="pip install hpsv2.*--t2i-reward clip:0.3:0.7"):
+            dmdr.validate(dmdr.resolve_defaults(dmdr.Args(model="sd3-medium")))
     with pytest.raises(ValueError, match="same rank and alpha"):
         dmd.validate(dmd.resolve_defaults(dmd.Args(model="sd3-medium", fake_ema=0.9)))
     from t2i import T2IWorld
