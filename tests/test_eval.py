@@ -322,3 +322,21 @@ def test_t2i_run_is_evaluated_end_to_end_and_missing_rewards_are_skipped(tiny_t2
     table = (tmp_path / "e" / "eval.md").read_text()
     assert "pickscore skipped" in table and "clip student / teacher" in table
     assert (tmp_path / "e" / f"eval_grid_{run_dir.name}.png").exists()
+
+
+def test_t2i_vp_world_sdxl_is_evaluated_end_to_end(tiny_t2i_run, tmp_path):
+    """The VP path (tiny SDXL): the student's CLIP score reproduces the run's last evaluation, the teacher's DDIM with
+    CFG costs 2 NFE per step, and a metric without local weights (aesthetic: its CLIP is not given) is skipped."""
+    import dmd
+    from t2i.tiny import build_tiny_sdxl
+
+    root, _ = tiny_t2i_run
+    build_tiny_sdxl(tmp_path / "sdxl")
+    out = dmd.main(dmd.Args(model="sdxl", model_path=str(tmp_path / "sdxl"), resolution=32, num_steps=1, batch_size=2,
+                            eval_samples=4, eval_every=1, t2i_reward="clip", reward_checkpoints=f"clip={root / 'clip'}",
+                            output_dir=str(tmp_path / "runs"), run_name="sdxl", progress=False, device="cpu"))
+    result = ev.main(ev.Args(run_dirs=(str(out["run_dir"]),), out_dir=str(tmp_path / "e"), teacher_steps=2,
+                             metrics=("clip", "aesthetic"), progress=False, device="cpu",
+                             reward_checkpoints=f"aesthetic-clip={tmp_path / 'no_clip'}"))["results"][0]
+    assert result["clip_student"] == pytest.approx(out["final"]["reward_clip"], abs=1e-5)
+    assert result["nfe_teacher"] == 2 * 2 and "aesthetic" in result["skipped"]
