@@ -340,3 +340,34 @@ def test_t2i_vp_world_sdxl_is_evaluated_end_to_end(tiny_t2i_run, tmp_path):
                              reward_checkpoints=f"aesthetic-clip={tmp_path / 'no_clip'}"))["results"][0]
     assert result["clip_student"] == pytest.approx(out["final"]["reward_clip"], abs=1e-5)
     assert result["nfe_teacher"] == 2 * 2 and "aesthetic" in result["skipped"]
+
+
+# ---- command lines ----
+
+
+def test_eval_command_line(tiny_runs, tmp_path):
+    """`python eval.py RUN --out-dir DIR` (tyro, positional run directories) writes the table with the command."""
+    import subprocess
+    import sys
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "eval.py", str(tiny_runs["gdmd"]), "--out-dir", str(tmp_path / "cli"),
+                           "--samples", "200", "--no-reference"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "cli" / "eval.md").read_text()
+    assert "--samples 200" in text and "| gdmd |" in text
+
+
+def test_every_benchmark_configuration_is_valid_for_its_method_file(tmp_path):
+    """bench.py is not run by the suite (15 minutes), but each of its configurations must still be accepted by its
+    method file's Args and validate(), so that the benchmark does not rot when a method file changes."""
+    import importlib
+
+    import bench
+
+    for config in bench.BENCH_CONFIGS:
+        method, kwargs = bench.method_args(config, 600, 0, 1.0, tmp_path)
+        module = importlib.import_module(method)
+        args = module.resolve_defaults(module.Args(**kwargs))
+        module.validate(args)
+        assert args.student_steps == 4 and args.batch_size == 256
