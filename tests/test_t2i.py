@@ -421,10 +421,20 @@ def test_dmdr_end_to_end(tiny, model, tmp_path):
     assert not changed(before["fake"], world.params("fake"))
 
 
-@pytest.mark.parametrize("model", FAMILIES)
-def test_gdmd_end_to_end(tiny, model, tmp_path):
+@pytest.mark.parametrize("rl", ["dpo", "grpo"])
+def test_dmdr_dpo_and_grpo_run_on_latents(tiny, rl, tmp_path):
+    """DMDR's other RL losses on image latents: DPO (the stage-2 reference swapped into the LoRA weights and back) and
+    GRPO (Gaussian log-probabilities of the renoise transitions over C x h x w): finite, and they move the generator."""
+    out, world, before = run_method(dmdr, tiny, "sd3-medium", tmp_path, stage1_steps=0, stage2_steps=2, dynamic_steps=2,
+                                    rl=rl, group_size=2, batch_size=4, lr_generator=1e-3, lr_fake=1e-3)
+    assert [r for r in out["history"] if "rl_loss" in r]
+    assert changed(before["generator"], world.params("generator"))
+
+
+@pytest.mark.parametrize("model,source", [("sd3-medium", "levels"), ("sdxl", "snapshots")])
+def test_gdmd_end_to_end(tiny, model, source, tmp_path):
     out, world, before = run_method(gdmd, tiny, model, tmp_path, num_steps=3, cold_start_steps=1, group_size=2,
-                                    lr_generator=1e-3, lr_fake=1e-3)
+                                    group_source=source, snapshot_every=1, lr_generator=1e-3, lr_fake=1e-3)
     gd = [r for r in out["history"] if r.get("gdmd") == 1]
     assert gd and all(math.isfinite(r["nft_loss"]) and math.isfinite(r["target_reward"]) for r in gd)
     assert changed(before["generator"], world.params("generator")) and changed(before["fake"], world.params("fake"))
