@@ -40,6 +40,7 @@ Without it, the check is the key check of step 1.
 """
 
 import dataclasses
+import gc
 import importlib
 import json
 import math
@@ -556,12 +557,15 @@ def main(args, command=None):
                                          options)
         if options is not None:
             t2i_rows.append(result)
+            del run, x  # free this pipeline before the next run's is loaded
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             continue
         toy.append(result)
-        first = first or run
+        first = first or run  # the reference rows and the figure use the first toy run's world
         if same_world(first["config"], run["config"]):
             panels.append((f"{result['name']}\n{result['method']}, step {result['step']}", x))
-        del run
 
     refs, sections, files = [], [], ["eval.json", "eval.md"]
     if toy:
