@@ -392,8 +392,10 @@ class T2IWorld:
                                                   max_sequence_length=max_sequence_length)
             else:
                 _, e0, _, p0 = pipe.encode_prompt([""], device=self.device, do_classifier_free_guidance=True)
-        self.prompt_embeds = torch.cat(embeds + [e0]).to(self.device, self.dtype)  # (P, L, D)
-        self.pooled_embeds = torch.cat(pooled + [p0]).to(self.device, self.dtype)  # (P, D')
+        # kept in CPU memory and moved per batch: SD3's (77 + 256) x 4096 tokens are 2.7 MB a prompt in bf16, so a
+        # prompt file of 10k lines would not fit next to the model on the GPU
+        self.prompt_embeds = torch.cat(embeds + [e0]).to("cpu", self.dtype)  # (P, L, D)
+        self.pooled_embeds = torch.cat(pooled + [p0]).to("cpu", self.dtype)  # (P, D')
         if not self.is_flow:  # SDXL micro-conditioning: original size, crop top-left (0, 0), target size
             res = self.resolution
             self.time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=self.device, dtype=self.dtype)
@@ -405,12 +407,14 @@ class T2IWorld:
         """The base network (with whatever adapter state is set) on latents x (n, C, h, w) at levels sigma (n,)."""
         t = self.timestep(sigma)
         x = x.to(self.dtype)
+        idx = cond.cpu()
+        text = self.prompt_embeds[idx].to(self.device)  # (n, L, D)
+        pooled = self.pooled_embeds[idx].to(self.device)  # (n, D')
         if self.is_flow:
-            return self.net(hidden_states=x, timestep=t, encoder_hidden_states=self.prompt_embeds[cond],
-                            pooled_projections=self.pooled_embeds[cond], return_dict=False)[0]
-        added = {"text_embeds": self.pooled_embeds[cond], "time_ids": self.time_ids.expand(x.shape[0], -1)}
-        return self.net(x, t, encoder_hidden_states=self.prompt_embeds[cond], added_cond_kwargs=added,
-                        return_dict=False)[0]
+            return self.net(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled,
+                            return_dict=False)[0]
+        added = {"text_embeds": pooled, "time_ids": self.time_ids.expand(x.shape[0], -1)}
+        return self.net(x, t, encoder_hidden_states=text, added_cond_kwargs=added, return_dict=False)[0]
 
     def _add_adapters(self, rank, alpha, fake_rank, fake_alpha, seed):
         from peft import LoraConfig
