@@ -103,10 +103,10 @@ def test_adapters_start_as_teacher_and_act_on_native_output(path):
 def test_sampling_matches_density():
     """Samples' per-mode frequencies match the weights (binomial 4.5-sigma bound), the density integrates to 1 on a
     grid, and conditional samples only come from their class's modes."""
-    mixture = toy2d.make_mixture("grid25", n_classes=3)
+    mixture = toy2d.make_mixture("grid25", spread=0.1, n_classes=3)  # not the default 0.15: nearest mode = true mode
     n = 200_000
     x = mixture.sample(n, torch.Generator().manual_seed(6)).double()
-    k = torch.cdist(x, mixture.means).argmin(-1)  # spread 0.1 vs spacing 1: nearest mode is the true mode (P(err) ~ 1e-6)
+    k = torch.cdist(x, mixture.means).argmin(-1)  # spread 0.1, spacing 1: P(nearest != true) < 4 Phi(-5) ~ 1e-6
     freq = torch.bincount(k, minlength=25).double() / n
     se = (mixture.weights * (1 - mixture.weights) / n).sqrt()
     assert ((freq - mixture.weights).abs() < 4.5 * se).all()
