@@ -309,20 +309,15 @@ def sample_teacher(world, cond, noise, steps, cfg):
 def load_scorers(world, names, checkpoints, device):
     """The reward models of the metric suite that load, and for the others the reason (weights or package missing):
     a missing reward is a row note, never a crash."""
-    from t2i.rewards import REWARDS
+    from t2i.rewards import REWARDS, make_reward
 
     scorers, skipped = {}, {}
     for name in names:
         if name not in REWARDS:
             skipped[name] = f"unknown metric (valid: {', '.join(REWARDS)})"
             continue
-        kwargs = {"checkpoint": checkpoints.get(name)}
-        if name == "pickscore":
-            kwargs["processor_checkpoint"] = checkpoints.get("pickscore-processor")
-        if name == "aesthetic":
-            kwargs["clip_checkpoint"] = checkpoints.get("aesthetic-clip")
         try:
-            scorers[name] = REWARDS[name](world.prompts, device, **kwargs)
+            scorers[name] = make_reward(name, world.prompts, device, checkpoints)
         except Exception as err:  # noqa: BLE001 (missing weights, gated hub, optional package absent: all skip)
             skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
     return scorers, skipped

@@ -246,6 +246,17 @@ REWARDS = {
 }
 
 
+def make_reward(name, prompts, device, checkpoints):
+    """The scorer `name` with its local weights from checkpoints (name -> path; pickscore's processor and the
+    aesthetic head's CLIP have their own keys, "pickscore-processor" and "aesthetic-clip"); None: the hub default."""
+    kwargs = {"checkpoint": checkpoints.get(name)}
+    if name == "pickscore":
+        kwargs["processor_checkpoint"] = checkpoints.get("pickscore-processor")
+    if name == "aesthetic":
+        kwargs["clip_checkpoint"] = checkpoints.get("aesthetic-clip")
+    return REWARDS[name](prompts, device, **kwargs)
+
+
 def parse_spec(spec):
     """"clip:0.3:0.7,pickscore" -> [("clip", 0.3, 0.7), ("pickscore", 1.0, None)] (name, weight, cap)."""
     terms = []
@@ -309,12 +320,7 @@ class WeightedReward(nn.Module):
         for name, _, _ in self.terms:
             if name in self.models:
                 continue
-            kwargs = {"checkpoint": checkpoints.get(name)}
-            if name == "pickscore":
-                kwargs["processor_checkpoint"] = checkpoints.get("pickscore-processor")
-            if name == "aesthetic":
-                kwargs["clip_checkpoint"] = checkpoints.get("aesthetic-clip")
-            self.models[name] = REWARDS[name](prompts, device, **kwargs)
+            self.models[name] = make_reward(name, prompts, device, checkpoints)
 
     def scores(self, images, idx):
         return {name: model(images, idx) for name, model in self.models.items()}
