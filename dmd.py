@@ -25,6 +25,12 @@ The algorithm (Yin et al. 2024, "Improved Distribution Matching Distillation", D
 Flash-DMD options: an EMA of the generator adapter's weights into the fake adapter after each generator update
 (`--fake-ema`), and distribution matching at high noise only (`--renoise-min`).
 
+Measured on the toy (`python dmd.py`: ring8, 1-step student, 1500 updates of 512, cosine lr; ~55 s on 2 CPU cores):
+at step 0 the student maps all noise to the mixture mean (energy distance 1.44 to the teacher); after training, seeds
+0 / 1 / 2: 0.0057 / 0.0088 / 0.0056 (noise floor 0.0013), 8 of 8 modes, worst mode-mass error 0.11 / 0.16 / 0.09,
+8-9% of samples on thin arcs between modes (a 1-step map from a Gaussian cannot cut its mass cleanly). A 4-step
+student is already close at step 0 (0.028: the teacher's own few-step sampler) and DMD does not improve it (0.034).
+
 Conventions: sigma in [0, 1], sigma = 1 is pure noise. Flow worlds (toy flow, SD3): x = (1 - sigma) x0 + sigma eps.
 VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1] maps to sigma = world.sigma(t)
 (SD3's shift). The algorithm below sees only x0-predictions and world.renoise, so it is identical on every world.
