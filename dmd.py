@@ -1,10 +1,11 @@
 """DMD: DMD2-style distribution matching distillation of a diffusion teacher into a K-step student.
 
     python dmd.py                                  # toy world: 8-mode ring, 1-step student, ~1 min on 2 CPU cores
-    python dmd.py --student-steps 4 --batch-size 256
-    python dmd.py --toy-mixture grid25 --toy-path vp --fake-ema 0.9 --renoise-min 0.5   # Flash-DMD options
+    python dmd.py --student-steps 4 --batch-size 256                        # a 4-step student (K fakes, one per step)
+    python dmd.py --student-steps 4 --batch-size 256 --fake-tracks mixture  # DMD2's estimator, for comparison
+    python dmd.py --fake-ema 0.9 --renoise-min 0.5 # Flash-DMD options: fake EMA, DM at high noise only
     python dmd.py --model sd3-medium               # SD3-Medium, 4-step LoRA student (GPU; hub weights, or --model-path DIR)
-    python dmd.py --model sdxl                     # SDXL, DMD2's 4-step LoRA recipe
+    python dmd.py --model sdxl                     # SDXL, a 4-step LoRA student (our preset, see MODEL_DEFAULTS)
     torchrun --nproc_per_node 8 dmd.py --model sdxl  # data parallel on 8 GPUs (--batch-size is per GPU)
     python dmd.py --help                           # every option, with its default
 
@@ -12,24 +13,43 @@ A run writes runs/dmd__<model>__<seed>__<time>/: config.json, metrics.jsonl (los
 checkpoint/ (the latest good generator and fake adapters), samples.png and curves.png. On a text-to-image model the
 adapters are diffusers LoRAs: checkpoint/generator/ loads into a stock pipeline with load_lora_weights (README).
 
-The algorithm (Yin et al. 2024, "Improved Distribution Matching Distillation", DMD2):
+The algorithm (Yin et al. 2024, "Improved Distribution Matching Distillation", DMD2, WITHOUT its GAN term: DMDR drops
+it on purpose, and we have no real data):
     generator G_theta = teacher + trainable adapter; a K-step student sampled by "backward simulation":
-        x <- noise; for k: x0 = G(x, sigma_k); x <- renoise(x0, sigma_{k+1}, fresh noise)
+        x <- noise; for k: x0_k = G(x, sigma_k); x <- renoise(x0_k, sigma_{k+1}, fresh noise)
     real score  = frozen teacher with classifier-free guidance (x0-prediction x0_real)
     fake score  = teacher + a second adapter, trained with the plain diffusion loss on detached generator samples,
-                  so that it tracks the student's own distribution
-    DMD gradient of KL(p_student,sigma || p_teacher,sigma) w.r.t. a generator output x (renoised to sigma):
+                  so that it tracks the distribution q of the outputs it scores
+    DMD gradient of KL(q_sigma || p_teacher,sigma) w.r.t. a generator output x (renoised to sigma):
         grad = (p_real - p_fake) / mean|p_real|,  p_real = x - x0_real, p_fake = x - x0_fake        (DMD2 normalisation)
         loss = 0.5 * mse(x, (x - grad).detach())           so that d loss / d x = grad / numel
     TTUR: the fake score takes `fake_updates_per_step` updates per generator update.
-Flash-DMD options: an EMA of the generator adapter's weights into the fake adapter after each generator update
-(`--fake-ema`), and distribution matching at high noise only (`--renoise-min`).
+What the fake score tracks, for K > 1 (--fake-tracks). The step above is the gradient of KL(q || p) only when the fake
+is the score of q, the distribution of the step being scored:
+    mixture   DMD2's recipe: each fake update trains on a random step's outputs and the generator is trained at a random
+              step with that one fake. The fake then tracks the MIXTURE of the K steps' outputs, and the update is the
+              gradient of KL(mixture || p): it vanishes once the mixture matches, whatever each step does alone, and
+              the later steps learn to compensate for the earlier ones (measured below).
+    final     one fake on the last step's outputs; the generator is trained at the last step only (the DMDR authors'
+              SD3 scripts also train the fake on final samples). The earlier steps are never trained directly: they
+              move only as far as the shared adapter carries them from the last step.
+    per-step  K fakes ("fake", "fake1", ...), each round one chain whose step-k outputs update fake k; the generator is
+              trained at a random step k with fake k, so every step's KL is minimised. Cost: K fake adapters with their
+              optimiser state (SD3-Medium, fake LoRA r32 on the attention projections: 18.8M parameters, ~0.3 GB in
+              fp32 with gradients and Adam, per extra fake) and K fake updates per round instead of one.
+    With K = 1 the three are the same estimator.
+Flash-DMD options (its supplement, Alg. 1): an EMA of the generator into the fake after each generator update
+(`--fake-ema`: on LoRA the EMA of the weight deltas B A, refitted to the fake's rank; on the toy's MLPs weight by
+weight, from a shared initialisation; its value is ours, the supplement gives none) and distribution matching at high
+noise only (`--renoise-min`). Absent here: Flash-DMD's pixel-space GAN, its latent reward model, its stage-2 preference
+RL (DPO on high-noise candidates) and real data.
 
 Measured on the toy (`python dmd.py`: ring8, 1-step student, 1500 updates of 512, cosine lr; ~55 s on 2 CPU cores):
 at step 0 the student maps all noise to the mixture mean (energy distance 1.44 to the teacher); after training, seeds
 0 / 1 / 2: 0.0057 / 0.0088 / 0.0056 (noise floor 0.0013), 8 of 8 modes, worst mode-mass error 0.11 / 0.16 / 0.09,
-8-9% of samples on thin arcs between modes (a 1-step map from a Gaussian cannot cut its mass cleanly). A 4-step
-student is already close at step 0 (0.028: the teacher's own few-step sampler) and DMD does not improve it (0.034).
+8-9% of samples on thin arcs between modes (a 1-step map from a Gaussian cannot cut its mass cleanly).
+A 4-step student (`--student-steps 4 --batch-size 256`, 1500 updates; the teacher's own 4-step sampler, where every
+student starts, sits at 0.028): MEASURED_K4
 
 Conventions: sigma in [0, 1], sigma = 1 is pure noise. Flow worlds (toy flow, SD3): x = (1 - sigma) x0 + sigma eps.
 VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1] maps to sigma = world.sigma(t)
@@ -51,6 +71,7 @@ import tyro
 from tqdm import tqdm
 
 LR_SCHEDULES = ("constant", "cosine")
+FAKE_TRACKS = ("mixture", "final", "per-step")
 MODELS = ("toy2d", "sd3-medium", "sd3.5-medium", "sd3.5-large", "sdxl")  # toy2d/, and the presets of t2i/
 
 
@@ -106,6 +127,10 @@ class Args:
     """AdamW weight decay of the generator adapter"""
     fake_updates_per_step: int = 5
     """TTUR: fake-score updates per generator update (DMD2: 5 for SDXL)"""
+    fake_tracks: Optional[str] = None
+    """what the fake score tracks when K > 1: mixture (DMD2: one fake on a random step's outputs, so the update is the
+    gradient of the K steps' mixture KL), final (one fake on the last step's outputs, DMD on the last step only),
+    per-step (K fakes, fake k on step k's outputs, DMD at a random step k with fake k) (toy2d: per-step; text-to-image: final)"""
     guidance_scale: Optional[float] = None
     """classifier-free guidance of the real score (toy2d: 1.0; DMD2 SDXL: 8)"""
     renoise_min: float = 0.02
@@ -136,22 +161,26 @@ class Args:
 
 
 MODEL_DEFAULTS = {  # every Args field that defaults to None gets its value here, per model
-    # toy2d: a 1-step student, the real distillation problem (at step 0 it collapses every sample onto the mixture mean;
-    # a 4-step student initialised from the teacher already samples the ring closely: energy distance 0.028 at step 0),
+    # toy2d: a 1-step student, the real distillation problem (at step 0 it collapses every sample onto the mixture mean),
     # and a cosine lr decay, so the generator settles instead of oscillating around the teacher at a constant rate.
+    # fake_tracks per-step: measured best for K > 1 (docstring); with the default K = 1 all three choices coincide.
     "toy2d": dict(student_steps=1, num_steps=1500, batch_size=512, lr_generator=1e-3, lr_fake=1e-3, lr_schedule="cosine",
-                  guidance_scale=1.0, eval_samples=4000),
-    # text-to-image (notes/reference-implementations.md): a 4-step student at pre-shift levels [1, .75, .5, .25].
-    # SDXL: DMD2's 4-step LoRA recipe (real CFG 8, lr 5e-5, constant); SD3: DMDR's SD3-M settings without its additions
-    # (real CFG 7, lr 1e-6 / 5e-7, generator LoRA r64 alpha128, fake r32 alpha32; SD3.5: CFG 4.5 as RTDMD's SD3.5-M).
-    # Ours: num_steps, batch size 8 per GPU for SD3 and 4 for SDXL at 1024 px, SDXL LoRA r64 alpha64 for both roles.
+                  guidance_scale=1.0, eval_samples=4000, fake_tracks="per-step"),
+    # text-to-image (notes/recipes.md section 1): a 4-step student at pre-shift levels [1, .75, .5, .25].
+    # SD3: DMDR's SD3-M cold-start settings without its additions (real CFG 7, lr 1e-6 / 5e-7, generator LoRA r64
+    # alpha128, fake r32 alpha32; SD3.5: CFG 4.5 as RTDMD's SD3.5-M). fake_tracks final: the fake trains on final
+    # samples as in the DMDR authors' SD3 scripts (their ODE backward simulation), at one LoRA and ~1/2 of per-step's fake
+    # compute; per-step is measured better on the toy and untested on images. Ours: num_steps, batch size 8 per GPU.
     **{name: dict(student_steps=4, num_steps=4000, batch_size=8, lr_generator=1e-6, lr_fake=5e-7, lr_schedule="constant",
                   guidance_scale=7.0 if name == "sd3-medium" else 4.5, eval_samples=16, t2i_reward="clip", lora_rank=64,
-                  lora_alpha=128, fake_lora_rank=32, fake_lora_alpha=32)
+                  lora_alpha=128, fake_lora_rank=32, fake_lora_alpha=32, fake_tracks="final")
        for name in ("sd3-medium", "sd3.5-medium", "sd3.5-large")},
+    # SDXL: OUR 4-step LoRA preset, not DMD2's recipe. DMD2's SDXL LoRA also targets the FF, proj and conv layers, adds
+    # a GAN on real latents and clips gradients at 10; we keep its real CFG 8 and lr 5e-5 (constant) only. Ours: LoRA r64
+    # alpha64 for both roles on the attention projections, batch size 4 per GPU at 1024 px, num_steps, fake_tracks.
     "sdxl": dict(student_steps=4, num_steps=4000, batch_size=4, lr_generator=5e-5, lr_fake=5e-5, lr_schedule="constant",
                  guidance_scale=8.0, eval_samples=16, t2i_reward="clip", lora_rank=64, lora_alpha=64, fake_lora_rank=64,
-                 fake_lora_alpha=64),
+                 fake_lora_alpha=64, fake_tracks="final"),
 }
 
 
@@ -165,28 +194,49 @@ def student_sigmas(world, student_steps):
     return [float(world.sigma(torch.tensor(1.0 - k / student_steps))) for k in range(student_steps)]
 
 
-def sample_student(world, cond, sigmas, noise, generator=None, stop=None):
+def sample_student(world, cond, sigmas, noise, generator=None, stop=None, every_step=False):
     """K-step student sampling (DMD2's multi-step sampler): x0 = G(x, sigma_k), then renoise x0 to sigma_{k+1}
-    with fresh noise. With stop=k, returns the state x at level sigma_k instead (backward simulation input)."""
+    with fresh noise. Returns the final x0; with stop=k, the state x at level sigma_k instead (backward simulation
+    input); with every_step, the list of all K steps' x0 outputs (the last one is the final sample)."""
     x = noise
+    outputs = []
     for k, sigma in enumerate(sigmas):
         if k == stop:
             return x
         x0 = world.x0("generator", x, sigma, cond)
+        outputs.append(x0)
         if k + 1 < len(sigmas):
             where = generator.device if generator is not None else x0.device  # a CPU generator with a CUDA world
             eps = torch.randn(x0.shape, generator=generator, device=where, dtype=x0.dtype).to(x0.device)
             x = world.renoise(x0, sigmas[k + 1], eps)
-    return x0
+    return outputs if every_step else x0
 
 
-def generator_sample(world, cond, sigmas, noise):
-    """Backward simulation: pick a student step k, run the steps before it without grad, and return the generator's
-    x0 at step k WITH grad (the only step that is trained on this batch) and k."""
-    k = int(torch.randint(len(sigmas), (1,)))
+def generator_sample(world, cond, sigmas, noise, step=None):
+    """Backward simulation: at student step k (step=None: a random one, DMD2), run the steps before it without grad,
+    and return the generator's x0 at step k WITH grad (the only step that is trained on this batch) and k."""
+    k = int(torch.randint(len(sigmas), (1,))) if step is None else step
     with torch.no_grad():
         x_k = sample_student(world, cond, sigmas, noise, stop=k)
     return world.x0("generator", x_k, sigmas[k], cond), k
+
+
+def fake_roles(fake_tracks, student_steps):
+    """The world roles of the fake scores: one ("fake") for mixture and final, or one per student step for per-step
+    (step 0 uses "fake", step k >= 1 "fake{k}"; the world builds them with n_fakes = K)."""
+    if fake_tracks == "per-step":
+        return ["fake"] + [f"fake{k}" for k in range(1, student_steps)]
+    return ["fake"]
+
+
+def trained_step(fake_tracks, sigmas):
+    """The student step a generator update trains: the last for final, else None (a random one, DMD2)."""
+    return len(sigmas) - 1 if fake_tracks == "final" else None
+
+
+def fake_role(fake_tracks, k):
+    """The fake score that scores the outputs of student step k."""
+    return ("fake" if k == 0 else f"fake{k}") if fake_tracks == "per-step" else "fake"
 
 
 def dmd_grad(x, x0_real, x0_fake):
@@ -204,56 +254,98 @@ def dmd_loss(x, grad):
     return 0.5 * F.mse_loss(x, (x - grad).detach())
 
 
-def fake_score_loss(world, x0, cond, t, adapter_scale=1.0):
+def fake_score_loss(world, x0, cond, t, adapter_scale=1.0, role="fake"):
     """The plain diffusion loss of the fake score on (detached) samples x0 at pre-shift times t (n,): renoise, predict,
     weight the x0 error into the model's native loss (flow: velocity, 1/sigma^2; VP: eps, alpha^2/sigma^2)."""
     sigma = world.sigma(t)
     x_t = world.renoise(x0, sigma, torch.randn_like(x0))
-    x0_fake = world.x0("fake", x_t, sigma, cond, adapter_scale=adapter_scale)
+    x0_fake = world.x0(role, x_t, sigma, cond, adapter_scale=adapter_scale)
     per_sample = ((x0_fake - x0) ** 2).flatten(1).mean(1)
     return (world.loss_weight(sigma) * per_sample).mean()
 
 
-def dmd_generator_loss(world, x0, cond, t, guidance_scale):
-    """DMD loss of generator outputs x0 renoised at pre-shift times t (n,): real score with CFG, fake score at scale 1."""
+def dmd_generator_loss(world, x0, cond, t, guidance_scale, fake="fake"):
+    """DMD loss of generator outputs x0 renoised at pre-shift times t (n,): real score with CFG, fake score (the role
+    `fake`, the one that tracks x0's step) at scale 1."""
     with torch.no_grad():
         sigma = world.sigma(t)
         x_t = world.renoise(x0, sigma, torch.randn_like(x0))
         x0_real = world.x0("teacher", x_t, sigma, cond, cfg=guidance_scale)
-        x0_fake = world.x0("fake", x_t, sigma, cond)
+        x0_fake = world.x0(fake, x_t, sigma, cond)
         grad = dmd_grad(x0, x0_real, x0_fake)
     return dmd_loss(x0, grad)
 
 
 @torch.no_grad()
 def ema_into_fake(world, decay):
-    """Flash-DMD: fake <- decay * fake + (1 - decay) * generator, adapter weight by weight (same architecture)."""
-    for p_fake, p_gen in zip(world.params("fake"), world.params("generator"), strict=True):
-        p_fake.lerp_(p_gen, 1.0 - decay)
+    """Flash-DMD (Alg. 1 line 18): fake <- decay * fake + (1 - decay) * generator, after each generator update.
+    LoRA (text-to-image): the EMA of the weight deltas, W_fake <- decay W_fake + (1 - decay) W_gen with W = scaling B A,
+    refitted to the fake's rank as the best rank-r approximation of the blend (exact when it has rank <= r); averaging A
+    and B separately is not an average of B A. Toy MLP adapters: weight by weight, which is an EMA of the same network
+    because both adapters start from the same weights (share_adapter_init)."""
+    factors = world.lora_factors("fake"), world.lora_factors("generator")
+    if factors[0] is None:
+        for p_fake, p_gen in zip(world.params("fake"), world.params("generator"), strict=True):
+            p_fake.lerp_(p_gen, 1.0 - decay)
+        return
+    for (a_f, b_f, s_f), (a_g, b_g, s_g) in zip(*factors, strict=True):
+        # blend = [B_f  B_g] [[decay s_f A_f], [(1 - decay) s_g A_g]]: (out, 2r) @ (2r, in), an SVD through two QRs
+        q_left, r_left = torch.linalg.qr(torch.cat([b_f, b_g], 1))  # (out, 2r), (2r, 2r)
+        q_right, r_right = torch.linalg.qr(torch.cat([decay * s_f * a_f, (1 - decay) * s_g * a_g], 0).T)  # (in, 2r)
+        u, sv, vh = torch.linalg.svd(r_left @ r_right.T)  # the blend = (q_left u) diag(sv) (q_right vh^T)^T
+        r = a_f.shape[0]
+        root = sv[:r].sqrt()
+        b_f.copy_((q_left @ u[:, :r]) * root)  # (out, r)
+        a_f.copy_((root[:, None] * (vh[:r] @ q_right.T)) / s_f)  # (r, in)
 
 
-def train_step(world, args, sigmas, opt_generator, opt_fake):
-    """One DMD2 iteration: TTUR fake-score updates, then one generator update. Returns losses (floats) before stepping;
-    raises FloatingPointError on a non-finite loss before any parameter is touched."""
+@torch.no_grad()
+def share_adapter_init(world):
+    """Flash-DMD initialises the fake score and the generator from the same weights (Alg. 1 lines 1-2). LoRA already
+    does in weight space (B = 0: both deltas are 0, and ema_into_fake works on the deltas); the toy's MLP adapters are
+    averaged weight by weight, so the fake's starts as a copy of the generator's."""
+    if world.lora_factors("fake") is None:
+        for p_fake, p_gen in zip(world.params("fake"), world.params("generator"), strict=True):
+            p_fake.copy_(p_gen)
+
+
+def fake_score_updates(world, args, sigmas, opt_fakes):
+    """TTUR: `fake_updates_per_step` rounds of fake-score updates on detached generator samples. What the fake score
+    tracks (--fake-tracks): mixture (DMD2), the outputs of one random step per round; final, the last step's outputs;
+    per-step, one chain per round whose step-k outputs update fake k. Returns the mean loss (float)."""
     n = args.batch_size
-    fake_losses = []
+    losses = []
     for _ in range(args.fake_updates_per_step):
         cond = world.sample_cond(n)
         with torch.no_grad():
-            x0, _ = generator_sample(world, cond, sigmas, world.noise(cond))  # detached generator samples
-        t = torch.rand(n, device=x0.device).clamp(min=1e-3)  # fake score: t ~ U(0, 1]
-        loss = fake_score_loss(world, x0, cond, t)
-        check_finite(loss, "fake_score_loss")
-        opt_fake.zero_grad(set_to_none=True)
-        loss.backward()
-        sync_and_clip(world.params("fake"), args.grad_clip)
-        opt_fake.step()
-        fake_losses.append(loss.item())
+            if args.fake_tracks == "per-step":  # one chain: step k's outputs train fake k
+                pairs = list(enumerate(sample_student(world, cond, sigmas, world.noise(cond), every_step=True)))
+            else:  # one step's outputs: a random step's (mixture) or the last step's (final)
+                x0, k = generator_sample(world, cond, sigmas, world.noise(cond), trained_step(args.fake_tracks, sigmas))
+                pairs = [(k, x0)]
+        for k, x0 in pairs:
+            role = fake_role(args.fake_tracks, k)
+            t = torch.rand(n, device=x0.device).clamp(min=1e-3)  # fake score: t ~ U(0, 1]
+            loss = fake_score_loss(world, x0, cond, t, role=role)
+            check_finite(loss, "fake_score_loss")
+            opt_fakes[role].zero_grad(set_to_none=True)
+            loss.backward()
+            sync_and_clip(world.params(role), args.grad_clip)
+            opt_fakes[role].step()
+            losses.append(loss.item())
+    return sum(losses) / len(losses)
 
+
+def train_step(world, args, sigmas, opt_generator, opt_fakes):
+    """One DMD2 iteration: TTUR fake-score updates, then one generator update at a backward-simulated step k (final:
+    always the last). Returns losses (floats) before stepping; raises FloatingPointError on a non-finite loss before
+    any parameter is touched."""
+    n = args.batch_size
+    fake_loss = fake_score_updates(world, args, sigmas, opt_fakes)
     cond = world.sample_cond(n)
-    x0, k = generator_sample(world, cond, sigmas, world.noise(cond))
+    x0, k = generator_sample(world, cond, sigmas, world.noise(cond), trained_step(args.fake_tracks, sigmas))
     t = args.renoise_min + (args.renoise_max - args.renoise_min) * torch.rand(n, device=x0.device)
-    loss = dmd_generator_loss(world, x0, cond, t, args.guidance_scale)
+    loss = dmd_generator_loss(world, x0, cond, t, args.guidance_scale, fake_role(args.fake_tracks, k))
     check_finite(loss, "dmd_loss")
     opt_generator.zero_grad(set_to_none=True)
     loss.backward()
@@ -261,7 +353,7 @@ def train_step(world, args, sigmas, opt_generator, opt_fake):
     opt_generator.step()
     if args.fake_ema > 0:
         ema_into_fake(world, args.fake_ema)
-    return {"dmd_loss": loss.item(), "fake_loss": sum(fake_losses) / len(fake_losses), "student_step": k}
+    return {"dmd_loss": loss.item(), "fake_loss": fake_loss, "student_step": k}
 
 
 # =====================================================================================================
@@ -327,10 +419,8 @@ def validate(args):
             raise ValueError(f"unknown toy reward {args.toy_reward!r}; valid rewards: {', '.join(toy2d.REWARDS)}")
     else:
         validate_t2i(args)
-        if args.fake_ema > 0 and (args.lora_rank, args.lora_alpha) != (args.fake_lora_rank, args.fake_lora_alpha):
-            raise ValueError("--fake-ema mixes the generator's LoRA into the fake's: it needs the same rank and alpha")
     for name in ("student_steps", "num_steps", "batch_size", "lr_generator", "lr_fake", "lr_schedule", "guidance_scale",
-                 "eval_samples"):
+                 "eval_samples", "fake_tracks"):
         if getattr(args, name) is None:
             raise ValueError(f"{name} has no default for model {args.model}: pass --{name.replace('_', '-')}")
     if not 1 <= args.student_steps <= 8:
@@ -341,6 +431,10 @@ def validate(args):
     for name in ("lr_generator", "lr_fake"):
         if not getattr(args, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
+    if args.fake_tracks not in FAKE_TRACKS:
+        raise ValueError(f"unknown fake_tracks {args.fake_tracks!r}; valid: {', '.join(FAKE_TRACKS)}")
+    if args.fake_ema > 0 and args.fake_tracks == "per-step" and args.student_steps > 1:
+        raise ValueError("--fake-ema mixes the one generator adapter into one fake: use --fake-tracks final or mixture")
     if args.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr_schedule {args.lr_schedule!r}; valid schedules: {', '.join(LR_SCHEDULES)}")
     if args.guidance_scale < 0:
@@ -376,15 +470,16 @@ def validate_t2i(args):
         raise ValueError(f"resolution must be >= 8 pixels, got {args.resolution}")
 
 
-def make_world(args, device):
-    """The world named by --model: the toy, or a text-to-image preset (imported only then: the toy path stays light)."""
+def make_world(args, device, n_fakes=1):
+    """The world named by --model: the toy, or a text-to-image preset (imported only then: the toy path stays light),
+    with n_fakes fake-score adapters (fake, fake1, ...: one per student step for --fake-tracks per-step)."""
     if args.model == "toy2d":
         import toy2d
 
         torch.set_num_threads(1)  # 2-D toy tensors: thread hand-offs cost more than they save (13x on 2 busy cores)
         return toy2d.ToyWorld(
             mixture=args.toy_mixture, spread=args.toy_spread, path=args.toy_path, n_classes=args.toy_classes,
-            reward=args.toy_reward, seed=args.seed, device=device,
+            reward=args.toy_reward, n_fakes=n_fakes, seed=args.seed, device=device,
         )
     if args.model in MODELS:
         import t2i
@@ -394,7 +489,7 @@ def make_world(args, device):
             args.model, model_path=args.model_path, prompts=args.prompts, eval_prompts=args.eval_prompts,
             resolution=args.resolution, reward=args.t2i_reward, reward_checkpoints=parse_checkpoints(args.reward_checkpoints),
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, fake_lora_rank=args.fake_lora_rank,
-            fake_lora_alpha=args.fake_lora_alpha, seed=args.seed, device=device,
+            fake_lora_alpha=args.fake_lora_alpha, n_fakes=n_fakes, seed=args.seed, device=device,
         )
     raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
 
@@ -416,10 +511,11 @@ def make_run_dir(args, method):
 
 
 def save_checkpoint(world, run_dir, step):
-    """Write both adapters to checkpoint/ atomically: a crash mid-save leaves the previous checkpoint intact."""
+    """Write every adapter (generator, fake scores) to checkpoint/ atomically: a crash mid-save leaves the previous
+    checkpoint intact."""
     tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    for role in ("generator", "fake"):
+    for role in world.adapter_roles:
         world.save(role, tmp)
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     if final.exists():
@@ -430,12 +526,13 @@ def save_checkpoint(world, run_dir, step):
 
 @torch.no_grad()
 def evaluate(world, sigmas, n, seed):
-    """Student samples from fixed noise (same seed every time, so curves compare) and the world's metrics."""
+    """Student samples from fixed noise (same seed every time, so curves compare) and the world's metrics of the final
+    samples (and, K > 1, of every step's x0 output and of their mixture: world.evaluate's steps)."""
     gen = torch.Generator().manual_seed(seed)
     cond = world.sample_cond(n, gen)
     noise = world.noise(cond, gen)
-    samples = sample_student(world, cond, sigmas, noise, generator=gen)
-    return samples, cond, world.evaluate(samples, cond)
+    outputs = sample_student(world, cond, sigmas, noise, generator=gen, every_step=True)
+    return outputs[-1], cond, world.evaluate(outputs[-1], cond, steps=outputs if len(outputs) > 1 else None)
 
 
 def main(args, world=None):
@@ -444,7 +541,8 @@ def main(args, world=None):
     validate(args)
     rank, world_size, device = setup_distributed(args)
     torch.manual_seed(args.seed)
-    world = world if world is not None else make_world(args, device)
+    roles = fake_roles(args.fake_tracks, args.student_steps)
+    world = world if world is not None else make_world(args, device, n_fakes=len(roles))
     if world_size > 1:
         torch.manual_seed(args.seed + 1000 * rank)  # data parallel: each rank its own noise, prompts and levels
     lead = rank == 0  # data parallel: rank 0 alone evaluates, logs and saves
@@ -453,8 +551,10 @@ def main(args, world=None):
         (run_dir / "config.json").write_text(json.dumps({"method": "dmd", **asdict(args)}, indent=2))
     sigmas = student_sigmas(world, args.student_steps)
     opt_generator = torch.optim.AdamW(world.params("generator"), args.lr_generator, weight_decay=args.weight_decay_generator)
-    opt_fake = torch.optim.AdamW(world.params("fake"), args.lr_fake, weight_decay=0.0)
-    schedulers = [make_lr_schedule(opt, args.lr_schedule, args.num_steps) for opt in (opt_generator, opt_fake)]
+    if args.fake_ema > 0:
+        share_adapter_init(world)
+    opt_fakes = {role: torch.optim.AdamW(world.params(role), args.lr_fake, weight_decay=0.0) for role in roles}
+    schedulers = [make_lr_schedule(opt, args.lr_schedule, args.num_steps) for opt in (opt_generator, *opt_fakes.values())]
 
     history = []
     log = open(run_dir / "metrics.jsonl", "a") if lead else open(os.devnull, "w")
@@ -472,7 +572,7 @@ def main(args, world=None):
     bar = tqdm(range(1, args.num_steps + 1), desc="dmd", disable=not (args.progress and lead), dynamic_ncols=True)
     for step in bar:
         try:
-            losses = train_step(world, args, sigmas, opt_generator, opt_fake)
+            losses = train_step(world, args, sigmas, opt_generator, opt_fakes)
         except FloatingPointError as err:
             log.close()
             raise FloatingPointError(
@@ -497,7 +597,8 @@ def main(args, world=None):
         return {"run_dir": None, "history": history, "final": history[-1] if history else {}, "world": world}
 
     world.plot_samples(samples, run_dir / "samples.png", f"dmd, {args.student_steps}-step student, step {args.num_steps}")
-    world.plot_curves(history, ["dmd_loss", "fake_loss", "energy_distance", "modes_covered", "teacher_logp"],
+    world.plot_curves(history, ["dmd_loss", "fake_loss", "energy_distance", "energy_distance_mixture", "modes_covered",
+                                "mode_width_min", "teacher_logp"],
                 run_dir / "curves.png", "dmd")
     final = {k: v for k, v in history[-1].items()}
     print(f"dmd: done in {time.time() - start:.1f} s -> {run_dir}")

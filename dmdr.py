@@ -220,26 +220,29 @@ def student_sigmas(world, student_steps):
 
 
 # Copied from dmd.py: sample_student
-def sample_student(world, cond, sigmas, noise, generator=None, stop=None):
+def sample_student(world, cond, sigmas, noise, generator=None, stop=None, every_step=False):
     """K-step student sampling (DMD2's multi-step sampler): x0 = G(x, sigma_k), then renoise x0 to sigma_{k+1}
-    with fresh noise. With stop=k, returns the state x at level sigma_k instead (backward simulation input)."""
+    with fresh noise. Returns the final x0; with stop=k, the state x at level sigma_k instead (backward simulation
+    input); with every_step, the list of all K steps' x0 outputs (the last one is the final sample)."""
     x = noise
+    outputs = []
     for k, sigma in enumerate(sigmas):
         if k == stop:
             return x
         x0 = world.x0("generator", x, sigma, cond)
+        outputs.append(x0)
         if k + 1 < len(sigmas):
             where = generator.device if generator is not None else x0.device  # a CPU generator with a CUDA world
             eps = torch.randn(x0.shape, generator=generator, device=where, dtype=x0.dtype).to(x0.device)
             x = world.renoise(x0, sigmas[k + 1], eps)
-    return x0
+    return outputs if every_step else x0
 
 
 # Copied from dmd.py: generator_sample
-def generator_sample(world, cond, sigmas, noise):
-    """Backward simulation: pick a student step k, run the steps before it without grad, and return the generator's
-    x0 at step k WITH grad (the only step that is trained on this batch) and k."""
-    k = int(torch.randint(len(sigmas), (1,)))
+def generator_sample(world, cond, sigmas, noise, step=None):
+    """Backward simulation: at student step k (step=None: a random one, DMD2), run the steps before it without grad,
+    and return the generator's x0 at step k WITH grad (the only step that is trained on this batch) and k."""
+    k = int(torch.randint(len(sigmas), (1,))) if step is None else step
     with torch.no_grad():
         x_k = sample_student(world, cond, sigmas, noise, stop=k)
     return world.x0("generator", x_k, sigmas[k], cond), k
@@ -273,12 +276,12 @@ def dmd_loss(x, grad):
 
 
 # Copied from dmd.py: fake_score_loss
-def fake_score_loss(world, x0, cond, t, adapter_scale=1.0):
+def fake_score_loss(world, x0, cond, t, adapter_scale=1.0, role="fake"):
     """The plain diffusion loss of the fake score on (detached) samples x0 at pre-shift times t (n,): renoise, predict,
     weight the x0 error into the model's native loss (flow: velocity, 1/sigma^2; VP: eps, alpha^2/sigma^2)."""
     sigma = world.sigma(t)
     x_t = world.renoise(x0, sigma, torch.randn_like(x0))
-    x0_fake = world.x0("fake", x_t, sigma, cond, adapter_scale=adapter_scale)
+    x0_fake = world.x0(role, x_t, sigma, cond, adapter_scale=adapter_scale)
     per_sample = ((x0_fake - x0) ** 2).flatten(1).mean(1)
     return (world.loss_weight(sigma) * per_sample).mean()
 
@@ -663,15 +666,16 @@ def validate_t2i(args):
 
 
 # Copied from dmd.py: make_world
-def make_world(args, device):
-    """The world named by --model: the toy, or a text-to-image preset (imported only then: the toy path stays light)."""
+def make_world(args, device, n_fakes=1):
+    """The world named by --model: the toy, or a text-to-image preset (imported only then: the toy path stays light),
+    with n_fakes fake-score adapters (fake, fake1, ...: one per student step for --fake-tracks per-step)."""
     if args.model == "toy2d":
         import toy2d
 
         torch.set_num_threads(1)  # 2-D toy tensors: thread hand-offs cost more than they save (13x on 2 busy cores)
         return toy2d.ToyWorld(
             mixture=args.toy_mixture, spread=args.toy_spread, path=args.toy_path, n_classes=args.toy_classes,
-            reward=args.toy_reward, seed=args.seed, device=device,
+            reward=args.toy_reward, n_fakes=n_fakes, seed=args.seed, device=device,
         )
     if args.model in MODELS:
         import t2i
@@ -681,7 +685,7 @@ def make_world(args, device):
             args.model, model_path=args.model_path, prompts=args.prompts, eval_prompts=args.eval_prompts,
             resolution=args.resolution, reward=args.t2i_reward, reward_checkpoints=parse_checkpoints(args.reward_checkpoints),
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, fake_lora_rank=args.fake_lora_rank,
-            fake_lora_alpha=args.fake_lora_alpha, seed=args.seed, device=device,
+            fake_lora_alpha=args.fake_lora_alpha, n_fakes=n_fakes, seed=args.seed, device=device,
         )
     raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
 
@@ -698,10 +702,11 @@ def make_run_dir(args, method):
 
 # Copied from dmd.py: save_checkpoint
 def save_checkpoint(world, run_dir, step):
-    """Write both adapters to checkpoint/ atomically: a crash mid-save leaves the previous checkpoint intact."""
+    """Write every adapter (generator, fake scores) to checkpoint/ atomically: a crash mid-save leaves the previous
+    checkpoint intact."""
     tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    for role in ("generator", "fake"):
+    for role in world.adapter_roles:
         world.save(role, tmp)
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     if final.exists():
@@ -713,12 +718,13 @@ def save_checkpoint(world, run_dir, step):
 # Copied from dmd.py: evaluate
 @torch.no_grad()
 def evaluate(world, sigmas, n, seed):
-    """Student samples from fixed noise (same seed every time, so curves compare) and the world's metrics."""
+    """Student samples from fixed noise (same seed every time, so curves compare) and the world's metrics of the final
+    samples (and, K > 1, of every step's x0 output and of their mixture: world.evaluate's steps)."""
     gen = torch.Generator().manual_seed(seed)
     cond = world.sample_cond(n, gen)
     noise = world.noise(cond, gen)
-    samples = sample_student(world, cond, sigmas, noise, generator=gen)
-    return samples, cond, world.evaluate(samples, cond)
+    outputs = sample_student(world, cond, sigmas, noise, generator=gen, every_step=True)
+    return outputs[-1], cond, world.evaluate(outputs[-1], cond, steps=outputs if len(outputs) > 1 else None)
 
 
 def main(args, world=None):

@@ -14,6 +14,19 @@ This file is a reconstruction. GDMD ("Guiding Distribution Matching Distillation
 Learning", Dong et al., arXiv 2604.19009) has no public code, and we have only its abstract and a public machine review
 (../shared/papers/gdmd_abstract_and_review.md), plus the GDMD and DiffusionNFT entries of
 ../shared/notes/reference-implementations.md and the team's issue 5. Every line below is ours.
+What comes from the source, and what is ours:
+  from the source   DMD's gradients read as implicit targets that a reward model scores instead of the raw samples;
+                    "an adaptive weighting that synchronises the RL policy with the distillation objective"; the
+                    diagnosis that raw-sample scoring conflicts with the distillation and is noisy early in training;
+                    a figure (4a) of the divergence between the RL and the DMD updates; 4-step students; several rewards.
+  NFT               the source's only evidence that the RL term is DiffusionNFT is in figure captions: figure 7 compares
+                    "DMD + NFT", figure 8 "DMD + NFT (sample-based scoring with SDE sampling)" as a baseline.
+  ours              the target GROUP and where its members differ (renoise levels, fake-score snapshots), the NFT
+                    positive / negative policies in x0 form, the advantage normalisation and clip, the cold start, the
+                    naive-fusion baseline below, the per-reward normalisation, and every default.
+With one generator update per batch (x = x_old, as here) the NFT term is an ADVANTAGE-WEIGHTED DMD (eq. 5 below): it
+reweights the group's own DMD steps by their targets' advantages, and nothing of NFT's forward-process training of an
+SDE policy remains.
 
 The algorithm as we reconstruct it (equation numbers are ours):
     DMD2 (see dmd.py): the generator output x = G_theta(x_k, sigma_k) at the backward-simulated step k regresses to the
@@ -46,7 +59,8 @@ toward the targets the reward prefers and away from those it does not. A constan
 exactly the group-averaged DMD update (with n = 1 and "levels", exactly dmd.py's). Because of w, the RL term of (5)
 moves x along unit-scale directions g/m: its size does not shrink as the DMD steps do.
 
-The naive-fusion baseline (--naive-fusion): everything identical, but the reward is that of the raw sample x_b,
+The naive-fusion baseline (--naive-fusion, OUR baseline: not the paper's "DMD + NFT" of figure 8, which runs DiffusionNFT
+on SDE rollouts beside DMD): everything identical, but the reward is that of the raw sample x_b,
 normalised over the batch (the batch is the group; on t2i, a batch of one prompt repeated), A_bj = A_b for every j.
 Then (5) reads 1/(BnD) sum_j (1 + 2 lambda A_b / m_bj) g_bj: the reward of the sample decides how hard x follows its
 DMD steps (or, for a poor sample, runs against them), but not which direction is better.
@@ -66,9 +80,16 @@ Choices we had to make (the paper's text is not available to us):
     x = x_old and is not an option.
   - The old policy is the generator at the start of the step; with one update per batch x_old = x.detach() (no
     second forward pass). Several inner updates per batch (where x_old would matter) are left out.
-  - The reward is world.reward(x_hat, cond), without grad (the world decodes when it has a decoder; toy: identity).
+  - The reward is scored on the targets without grad (the world decodes when it has a decoder; toy: identity). With
+    several reward terms (text-to-image specs such as "pickscore,clip"), each term is normalised over the group before
+    the weighted sum (combined_advantages), so that the reward with the widest spread does not decide alone.
+  - The divergence diagnostic (fig. 4a): every GDMD step logs rl_dmd_cosine, the cosine between the RL term's and the
+    DMD term's gradients w.r.t. the generator outputs (eq. 5's space; the parameter-space angle would cost two extra
+    backward passes through the generator).
   - Cold start: plain DMD (dmd.py's generator loss) for `cold_start_steps`, then GDMD; the fake score keeps its TTUR
-    updates throughout. The DMD-only control of the tests is this file with lambda_gdmd = 0 (group DMD, same compute).
+    updates throughout. The abstract's regime is the noisy early stage, so --cold-start-steps 0 (GDMD from the
+    teacher-initialised student) is the ablation that speaks to it (bench.py's gdmd-no-cold-start row).
+  - The DMD backbone is dmd.py's, with its choice of what the fake score tracks (--fake-tracks; K = 4 here). The DMD-only control of the tests is this file with lambda_gdmd = 0 (group DMD, same compute).
   - Naive fusion is the same loss with the raw sample's batch-normalised reward (above), not a separate DMD +
     DiffusionNFT-on-forward-noised-samples pipeline.
 
@@ -102,6 +123,7 @@ from tqdm import tqdm
 
 MODELS = ('toy2d', 'sd3-medium', 'sd3.5-medium', 'sd3.5-large', 'sdxl')  # toy2d/, and the presets of t2i/
 GROUP_SOURCES = ("levels", "snapshots", "both")
+FAKE_TRACKS = ("mixture", "final", "per-step")
 
 
 @dataclass
@@ -156,6 +178,9 @@ class Args:
     """AdamW weight decay of the generator adapter"""
     fake_updates_per_step: int = 5
     """TTUR: fake-score updates per generator update (DMD2: 5 for SDXL)"""
+    fake_tracks: str = "final"
+    """what the fake score tracks (dmd.py --fake-tracks): mixture (DMD2: a random step's outputs; the gradient of the K
+    steps' mixture KL), final (the last step's outputs; DMD and GDMD on the last step only), per-step (K fakes)"""
     guidance_scale: Optional[float] = None
     """classifier-free guidance of the real score (toy2d: 1.0; DMD2 SDXL: 8)"""
     renoise_min: float = 0.02
@@ -228,29 +253,53 @@ def student_sigmas(world, student_steps):
 
 
 # Copied from dmd.py: sample_student
-def sample_student(world, cond, sigmas, noise, generator=None, stop=None):
+def sample_student(world, cond, sigmas, noise, generator=None, stop=None, every_step=False):
     """K-step student sampling (DMD2's multi-step sampler): x0 = G(x, sigma_k), then renoise x0 to sigma_{k+1}
-    with fresh noise. With stop=k, returns the state x at level sigma_k instead (backward simulation input)."""
+    with fresh noise. Returns the final x0; with stop=k, the state x at level sigma_k instead (backward simulation
+    input); with every_step, the list of all K steps' x0 outputs (the last one is the final sample)."""
     x = noise
+    outputs = []
     for k, sigma in enumerate(sigmas):
         if k == stop:
             return x
         x0 = world.x0("generator", x, sigma, cond)
+        outputs.append(x0)
         if k + 1 < len(sigmas):
             where = generator.device if generator is not None else x0.device  # a CPU generator with a CUDA world
             eps = torch.randn(x0.shape, generator=generator, device=where, dtype=x0.dtype).to(x0.device)
             x = world.renoise(x0, sigmas[k + 1], eps)
-    return x0
+    return outputs if every_step else x0
 
 
 # Copied from dmd.py: generator_sample
-def generator_sample(world, cond, sigmas, noise):
-    """Backward simulation: pick a student step k, run the steps before it without grad, and return the generator's
-    x0 at step k WITH grad (the only step that is trained on this batch) and k."""
-    k = int(torch.randint(len(sigmas), (1,)))
+def generator_sample(world, cond, sigmas, noise, step=None):
+    """Backward simulation: at student step k (step=None: a random one, DMD2), run the steps before it without grad,
+    and return the generator's x0 at step k WITH grad (the only step that is trained on this batch) and k."""
+    k = int(torch.randint(len(sigmas), (1,))) if step is None else step
     with torch.no_grad():
         x_k = sample_student(world, cond, sigmas, noise, stop=k)
     return world.x0("generator", x_k, sigmas[k], cond), k
+
+
+# Copied from dmd.py: fake_roles
+def fake_roles(fake_tracks, student_steps):
+    """The world roles of the fake scores: one ("fake") for mixture and final, or one per student step for per-step
+    (step 0 uses "fake", step k >= 1 "fake{k}"; the world builds them with n_fakes = K)."""
+    if fake_tracks == "per-step":
+        return ["fake"] + [f"fake{k}" for k in range(1, student_steps)]
+    return ["fake"]
+
+
+# Copied from dmd.py: trained_step
+def trained_step(fake_tracks, sigmas):
+    """The student step a generator update trains: the last for final, else None (a random one, DMD2)."""
+    return len(sigmas) - 1 if fake_tracks == "final" else None
+
+
+# Copied from dmd.py: fake_role
+def fake_role(fake_tracks, k):
+    """The fake score that scores the outputs of student step k."""
+    return ("fake" if k == 0 else f"fake{k}") if fake_tracks == "per-step" else "fake"
 
 
 # Copied from dmd.py: dmd_grad
@@ -271,24 +320,25 @@ def dmd_loss(x, grad):
 
 
 # Copied from dmd.py: fake_score_loss
-def fake_score_loss(world, x0, cond, t, adapter_scale=1.0):
+def fake_score_loss(world, x0, cond, t, adapter_scale=1.0, role="fake"):
     """The plain diffusion loss of the fake score on (detached) samples x0 at pre-shift times t (n,): renoise, predict,
     weight the x0 error into the model's native loss (flow: velocity, 1/sigma^2; VP: eps, alpha^2/sigma^2)."""
     sigma = world.sigma(t)
     x_t = world.renoise(x0, sigma, torch.randn_like(x0))
-    x0_fake = world.x0("fake", x_t, sigma, cond, adapter_scale=adapter_scale)
+    x0_fake = world.x0(role, x_t, sigma, cond, adapter_scale=adapter_scale)
     per_sample = ((x0_fake - x0) ** 2).flatten(1).mean(1)
     return (world.loss_weight(sigma) * per_sample).mean()
 
 
 # Copied from dmd.py: dmd_generator_loss
-def dmd_generator_loss(world, x0, cond, t, guidance_scale):
-    """DMD loss of generator outputs x0 renoised at pre-shift times t (n,): real score with CFG, fake score at scale 1."""
+def dmd_generator_loss(world, x0, cond, t, guidance_scale, fake="fake"):
+    """DMD loss of generator outputs x0 renoised at pre-shift times t (n,): real score with CFG, fake score (the role
+    `fake`, the one that tracks x0's step) at scale 1."""
     with torch.no_grad():
         sigma = world.sigma(t)
         x_t = world.renoise(x0, sigma, torch.randn_like(x0))
         x0_real = world.x0("teacher", x_t, sigma, cond, cfg=guidance_scale)
-        x0_fake = world.x0("fake", x_t, sigma, cond)
+        x0_fake = world.x0(fake, x_t, sigma, cond)
         grad = dmd_grad(x0, x0_real, x0_fake)
     return dmd_loss(x0, grad)
 
@@ -340,10 +390,11 @@ def group_layout(source, n):
 
 
 @torch.no_grad()
-def dmd_target_group(world, x0, cond, t, guidance_scale, levels, fakes, snapshots=None):
+def dmd_target_group(world, x0, cond, t, guidance_scale, levels, fakes, snapshots=None, live_fake="fake"):
     """Eq. (2): the DMD steps g (B, n, ...) of generator outputs x0 (B, ...) for a target group. t (B, L) holds the
     pre-shift renoise times of the L distinct levels; target j renoises at level levels[j] (own noise per level,
-    drawn in level order, as dmd_generator_loss draws it) and uses fake snapshot fakes[j] (0: the live fake).
+    drawn in level order, as dmd_generator_loss draws it) and uses fake snapshot fakes[j] (0: the live fake, the role
+    live_fake that tracks x0's student step; snapshots are of "fake", so they need --fake-tracks mixture or final).
     The targets are x0 - g[:, j]."""
     n_levels = t.shape[1]
     noisy, real = [], []
@@ -356,7 +407,7 @@ def dmd_target_group(world, x0, cond, t, guidance_scale, levels, fakes, snapshot
     for level, fake in zip(levels, fakes, strict=True):
         x_t, sigma = noisy[level]
         if fake == 0 or snapshots is None:
-            x0_fake = world.x0("fake", x_t, sigma, cond)
+            x0_fake = world.x0(live_fake, x_t, sigma, cond)
         else:
             with snapshots.swapped_in(world, fake):
                 x0_fake = world.x0("fake", x_t, sigma, cond)
@@ -391,67 +442,96 @@ def nft_loss(x, x_old, x_hat, advantages, adv_clip, beta=1.0):
     return ((rho * pos + (1 - rho) * neg) / beta * adv_clip).mean()
 
 
+def combined_advantages(terms, adv_clip, groups):
+    """Eq. (3) for several rewards: each reward term is normalised over its group first (so that the widest reward does
+    not dominate the sum), the weighted sum is normalised again. terms: {name: (weight, rewards (B n,))}; groups: how
+    the flat rewards fold into groups, (B, n) for GDMD's targets or (1, B) for naive fusion's batch. Returns (B, n)."""
+    if len(terms) == 1:  # one reward: exactly group_advantages of it (weights and offsets cancel)
+        (_, r), = terms.values()
+        return group_advantages(r.view(groups), adv_clip)
+    total = sum(w * group_advantages(r.view(groups), float("inf")) for w, r in terms.values())
+    return group_advantages(total, adv_clip)
+
+
 def gdmd_generator_loss(world, x0, cond, t, guidance_scale, lambda_gdmd, adv_clip, source="levels", group_size=4,
-                        snapshots=None, naive_fusion=False):
+                        snapshots=None, naive_fusion=False, fake="fake"):
     """Eq. (4a): plain DMD over the target group + lambda_gdmd * NFT loss with advantages from the targets' rewards
     (or, naive_fusion, from the raw samples' rewards normalised over the batch). x0 (B, ...) generator outputs with
-    grad, t (B, L) renoise times (L = group_size, or 1 for snapshots). Returns (loss, stats dict of floats)."""
+    grad, t (B, L) renoise times (L = group_size, or 1 for snapshots). Returns (loss, stats dict of floats); the stats
+    hold rl_dmd_cosine, the cosine between the RL term's and the DMD term's gradients w.r.t. the generator outputs x0
+    (the divergence diagnostic of the paper's fig. 4a, measured on the outputs, where eq. (5) lives)."""
     levels, fakes, _ = group_layout(source, group_size)
-    g = dmd_target_group(world, x0.detach(), cond, t, guidance_scale, levels, fakes, snapshots)  # (B, n, ...)
+    g = dmd_target_group(world, x0.detach(), cond, t, guidance_scale, levels, fakes, snapshots, fake)  # (B, n, ...)
     x_hat = (x0.detach().unsqueeze(1) - g)  # (B, n, ...) the targets sg(x - g_j)
     with torch.no_grad():
         if naive_fusion:  # the raw sample's reward, the batch as the group, shared by the sample's n targets
-            r = world.reward(x0.detach(), cond)  # (B,)
-            adv = group_advantages(r[None], adv_clip)[0][:, None].expand(-1, group_size)
+            terms = world.reward_terms(x0.detach(), cond)  # {name: (weight, (B,))}
+            adv = combined_advantages(terms, adv_clip, (1, -1))[0][:, None].expand(-1, group_size)
         else:
             flat = x_hat.flatten(0, 1)  # (B n, ...)
-            r = world.reward(flat, cond.repeat_interleave(group_size, 0)).view(-1, group_size)  # (B, n)
-            adv = group_advantages(r, adv_clip)
+            terms = world.reward_terms(flat, cond.repeat_interleave(group_size, 0))
+            adv = combined_advantages(terms, adv_clip, (-1, group_size))  # (B, n)
+        r = sum(w * v for w, v in terms.values())  # the combined reward, for the log
     distill = sum(dmd_loss(x0, g[:, j]) for j in range(group_size)) / group_size
     rl = nft_loss(x0, x0.detach(), x_hat, adv, adv_clip)
+    grad_dmd, = torch.autograd.grad(distill, x0, retain_graph=True)  # d / d x0 only: cheap, the generator is not entered
+    grad_rl, = torch.autograd.grad(rl, x0, retain_graph=True)
+    cosine = F.cosine_similarity(grad_dmd.flatten(), grad_rl.flatten(), dim=0, eps=1e-30)
     stats = {
         "dmd_loss": distill.item(), "nft_loss": rl.item(), "target_reward": r.mean().item(),
         "adv_abs": adv.abs().mean().item(), "step_size": g.abs().flatten(2).mean(2).mean().item(),
+        "rl_dmd_cosine": cosine.item(),
     }
     return distill + lambda_gdmd * rl, stats
 
 
-def fake_score_updates(world, args, sigmas, opt_fake):
-    """TTUR: `fake_updates_per_step` fake-score updates on detached generator samples, as in dmd.py."""
+# Copied from dmd.py: fake_score_updates
+def fake_score_updates(world, args, sigmas, opt_fakes):
+    """TTUR: `fake_updates_per_step` rounds of fake-score updates on detached generator samples. What the fake score
+    tracks (--fake-tracks): mixture (DMD2), the outputs of one random step per round; final, the last step's outputs;
+    per-step, one chain per round whose step-k outputs update fake k. Returns the mean loss (float)."""
     n = args.batch_size
     losses = []
     for _ in range(args.fake_updates_per_step):
         cond = world.sample_cond(n)
         with torch.no_grad():
-            x0, _ = generator_sample(world, cond, sigmas, world.noise(cond))  # detached generator samples
-        t = torch.rand(n, device=x0.device).clamp(min=1e-3)  # fake score: t ~ U(0, 1]
-        loss = fake_score_loss(world, x0, cond, t)
-        check_finite(loss, "fake_score_loss")
-        opt_fake.zero_grad(set_to_none=True)
-        loss.backward()
-        sync_and_clip(world.params("fake"), args.grad_clip)
-        opt_fake.step()
-        losses.append(loss.item())
+            if args.fake_tracks == "per-step":  # one chain: step k's outputs train fake k
+                pairs = list(enumerate(sample_student(world, cond, sigmas, world.noise(cond), every_step=True)))
+            else:  # one step's outputs: a random step's (mixture) or the last step's (final)
+                x0, k = generator_sample(world, cond, sigmas, world.noise(cond), trained_step(args.fake_tracks, sigmas))
+                pairs = [(k, x0)]
+        for k, x0 in pairs:
+            role = fake_role(args.fake_tracks, k)
+            t = torch.rand(n, device=x0.device).clamp(min=1e-3)  # fake score: t ~ U(0, 1]
+            loss = fake_score_loss(world, x0, cond, t, role=role)
+            check_finite(loss, "fake_score_loss")
+            opt_fakes[role].zero_grad(set_to_none=True)
+            loss.backward()
+            sync_and_clip(world.params(role), args.grad_clip)
+            opt_fakes[role].step()
+            losses.append(loss.item())
     return sum(losses) / len(losses)
 
 
-def train_step(world, args, sigmas, opt_generator, opt_fake, snapshots, gdmd_on):
-    """One iteration: TTUR fake-score updates, then one generator update, plain DMD (cold start) or GDMD.
-    Returns losses (floats); raises FloatingPointError on a non-finite loss before the generator is touched."""
+def train_step(world, args, sigmas, opt_generator, opt_fakes, snapshots, gdmd_on):
+    """One iteration: TTUR fake-score updates, then one generator update at a backward-simulated step k (final: the
+    last), plain DMD (cold start) or GDMD, scored with the fake that tracks step k. Returns losses (floats); raises
+    FloatingPointError on a non-finite loss before the generator is touched."""
     n = args.batch_size
-    fake_loss = fake_score_updates(world, args, sigmas, opt_fake)
+    fake_loss = fake_score_updates(world, args, sigmas, opt_fakes)
     cond = world.sample_cond(n)
-    x0, k = generator_sample(world, cond, sigmas, world.noise(cond))
+    x0, k = generator_sample(world, cond, sigmas, world.noise(cond), trained_step(args.fake_tracks, sigmas))
+    fake = fake_role(args.fake_tracks, k)
     if gdmd_on:
         n_levels = group_layout(args.group_source, args.group_size)[2]
         t = args.renoise_min + (args.renoise_max - args.renoise_min) * torch.rand(n, n_levels, device=x0.device)
         loss, stats = gdmd_generator_loss(
             world, x0, cond, t, args.guidance_scale, args.lambda_gdmd, args.adv_clip, args.group_source,
-            args.group_size, snapshots, args.naive_fusion,
+            args.group_size, snapshots, args.naive_fusion, fake,
         )
     else:
         t = args.renoise_min + (args.renoise_max - args.renoise_min) * torch.rand(n, device=x0.device)
-        loss = dmd_generator_loss(world, x0, cond, t, args.guidance_scale)
+        loss = dmd_generator_loss(world, x0, cond, t, args.guidance_scale, fake)
         stats = {"dmd_loss": loss.item()}
     check_finite(loss, "gdmd_loss" if gdmd_on else "dmd_loss")
     opt_generator.zero_grad(set_to_none=True)
@@ -549,6 +629,10 @@ def validate(args):
         raise ValueError(f"group_size (n, targets per generator output) must be >= 1, got {args.group_size}")
     if args.group_source not in GROUP_SOURCES:
         raise ValueError(f"unknown group source {args.group_source!r}; valid sources: {', '.join(GROUP_SOURCES)}")
+    if args.fake_tracks not in FAKE_TRACKS:
+        raise ValueError(f"unknown fake_tracks {args.fake_tracks!r}; valid: {', '.join(FAKE_TRACKS)}")
+    if args.fake_tracks == "per-step" and args.group_source != "levels" and args.student_steps > 1:
+        raise ValueError("--group-source snapshots / both snapshot the one fake: use --fake-tracks final or mixture")
     if not (args.lambda_gdmd >= 0 and math.isfinite(args.lambda_gdmd)):
         raise ValueError(f"lambda_gdmd must be a finite number >= 0, got {args.lambda_gdmd}")
     if not args.adv_clip > 0:
@@ -585,15 +669,16 @@ def validate_t2i(args):
 
 
 # Copied from dmd.py: make_world
-def make_world(args, device):
-    """The world named by --model: the toy, or a text-to-image preset (imported only then: the toy path stays light)."""
+def make_world(args, device, n_fakes=1):
+    """The world named by --model: the toy, or a text-to-image preset (imported only then: the toy path stays light),
+    with n_fakes fake-score adapters (fake, fake1, ...: one per student step for --fake-tracks per-step)."""
     if args.model == "toy2d":
         import toy2d
 
         torch.set_num_threads(1)  # 2-D toy tensors: thread hand-offs cost more than they save (13x on 2 busy cores)
         return toy2d.ToyWorld(
             mixture=args.toy_mixture, spread=args.toy_spread, path=args.toy_path, n_classes=args.toy_classes,
-            reward=args.toy_reward, seed=args.seed, device=device,
+            reward=args.toy_reward, n_fakes=n_fakes, seed=args.seed, device=device,
         )
     if args.model in MODELS:
         import t2i
@@ -603,7 +688,7 @@ def make_world(args, device):
             args.model, model_path=args.model_path, prompts=args.prompts, eval_prompts=args.eval_prompts,
             resolution=args.resolution, reward=args.t2i_reward, reward_checkpoints=parse_checkpoints(args.reward_checkpoints),
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, fake_lora_rank=args.fake_lora_rank,
-            fake_lora_alpha=args.fake_lora_alpha, seed=args.seed, device=device,
+            fake_lora_alpha=args.fake_lora_alpha, n_fakes=n_fakes, seed=args.seed, device=device,
         )
     raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
 
@@ -620,10 +705,11 @@ def make_run_dir(args, method):
 
 # Copied from dmd.py: save_checkpoint
 def save_checkpoint(world, run_dir, step):
-    """Write both adapters to checkpoint/ atomically: a crash mid-save leaves the previous checkpoint intact."""
+    """Write every adapter (generator, fake scores) to checkpoint/ atomically: a crash mid-save leaves the previous
+    checkpoint intact."""
     tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    for role in ("generator", "fake"):
+    for role in world.adapter_roles:
         world.save(role, tmp)
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     if final.exists():
@@ -635,12 +721,13 @@ def save_checkpoint(world, run_dir, step):
 # Copied from dmd.py: evaluate
 @torch.no_grad()
 def evaluate(world, sigmas, n, seed):
-    """Student samples from fixed noise (same seed every time, so curves compare) and the world's metrics."""
+    """Student samples from fixed noise (same seed every time, so curves compare) and the world's metrics of the final
+    samples (and, K > 1, of every step's x0 output and of their mixture: world.evaluate's steps)."""
     gen = torch.Generator().manual_seed(seed)
     cond = world.sample_cond(n, gen)
     noise = world.noise(cond, gen)
-    samples = sample_student(world, cond, sigmas, noise, generator=gen)
-    return samples, cond, world.evaluate(samples, cond)
+    outputs = sample_student(world, cond, sigmas, noise, generator=gen, every_step=True)
+    return outputs[-1], cond, world.evaluate(outputs[-1], cond, steps=outputs if len(outputs) > 1 else None)
 
 
 def main(args, world=None):
@@ -649,19 +736,20 @@ def main(args, world=None):
     validate(args)
     rank, world_size, device = setup_distributed(args)
     torch.manual_seed(args.seed)
-    world = world if world is not None else make_world(args, device)
+    roles = fake_roles(args.fake_tracks, args.student_steps)
+    world = world if world is not None else make_world(args, device, n_fakes=len(roles))
     if world_size > 1:
         torch.manual_seed(args.seed + 1000 * rank)  # data parallel: each rank its own noise, prompts and levels
     lead = rank == 0  # data parallel: rank 0 alone evaluates, logs and saves
     if args.init_checkpoint is not None:
-        for role in ("generator", "fake"):
+        for role in ("generator", *roles):
             world.load(role, args.init_checkpoint)
     run_dir = make_run_dir(args, "gdmd") if lead else None
     if lead:
         (run_dir / "config.json").write_text(json.dumps({"method": "gdmd", **asdict(args)}, indent=2))
     sigmas = student_sigmas(world, args.student_steps)
     opt_generator = torch.optim.AdamW(world.params("generator"), args.lr_generator, weight_decay=args.weight_decay_generator)
-    opt_fake = torch.optim.AdamW(world.params("fake"), args.lr_fake, weight_decay=0.0)
+    opt_fakes = {role: torch.optim.AdamW(world.params(role), args.lr_fake, weight_decay=0.0) for role in roles}
     use_snapshots = args.group_source != "levels" and args.group_size > 1
     snapshots = FakeSnapshots(args.group_size - 1 if use_snapshots else 0)
 
@@ -686,7 +774,7 @@ def main(args, world=None):
             tqdm.write(f"gdmd: step {step}: cold start done, GDMD on ({fusion}, n={args.group_size}, "
                        f"lambda={args.lambda_gdmd})")
         try:
-            losses = train_step(world, args, sigmas, opt_generator, opt_fake, snapshots, gdmd_on)
+            losses = train_step(world, args, sigmas, opt_generator, opt_fakes, snapshots, gdmd_on)
         except FloatingPointError as err:
             log.close()
             raise FloatingPointError(

@@ -405,12 +405,12 @@ def dmd_loss(x, grad):
 
 
 # Copied from dmd.py: fake_score_loss
-def fake_score_loss(world, x0, cond, t, adapter_scale=1.0):
+def fake_score_loss(world, x0, cond, t, adapter_scale=1.0, role="fake"):
     """The plain diffusion loss of the fake score on (detached) samples x0 at pre-shift times t (n,): renoise, predict,
     weight the x0 error into the model's native loss (flow: velocity, 1/sigma^2; VP: eps, alpha^2/sigma^2)."""
     sigma = world.sigma(t)
     x_t = world.renoise(x0, sigma, torch.randn_like(x0))
-    x0_fake = world.x0("fake", x_t, sigma, cond, adapter_scale=adapter_scale)
+    x0_fake = world.x0(role, x_t, sigma, cond, adapter_scale=adapter_scale)
     per_sample = ((x0_fake - x0) ** 2).flatten(1).mean(1)
     return (world.loss_weight(sigma) * per_sample).mean()
 
@@ -736,10 +736,11 @@ def make_run_dir(args, method):
 
 # Copied from dmd.py: save_checkpoint
 def save_checkpoint(world, run_dir, step):
-    """Write both adapters to checkpoint/ atomically: a crash mid-save leaves the previous checkpoint intact."""
+    """Write every adapter (generator, fake scores) to checkpoint/ atomically: a crash mid-save leaves the previous
+    checkpoint intact."""
     tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    for role in ("generator", "fake"):
+    for role in world.adapter_roles:
         world.save(role, tmp)
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     if final.exists():

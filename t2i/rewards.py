@@ -332,5 +332,14 @@ class WeightedReward(nn.Module):
             total = total + weight * (s.clamp(max=cap) if cap is not None else s)
         return total
 
+    def weighted_terms(self, images, idx):
+        """{key: (weight, capped score (n,))} of every term of the spec, in order (key: the reward's name, with #i from
+        the second term of a reward named twice): forward() is their weighted sum."""
+        scores, out = self.scores(images, idx), {}
+        for i, (name, weight, cap) in enumerate(self.terms):
+            out[name if name not in out else f"{name}#{i}"] = (weight, scores[name].clamp(max=cap) if cap is not None
+                                                                 else scores[name])
+        return out
+
     def forward(self, images, idx):
         return self.combine(self.scores(images, idx))

@@ -110,6 +110,7 @@ class T2IWorld:
         lora_alpha=128,
         fake_lora_rank=32,
         fake_lora_alpha=32,
+        n_fakes=1,
         seed=0,
         device="cpu",
         dtype=None,
@@ -157,7 +158,7 @@ class T2IWorld:
         # frozen base (requires_grad off once, here), VAE in fp32 for decoding into rewards
         self.vae = pipe.vae.to(self.device, torch.float32).eval().requires_grad_(False)
         self.net = self.net.to(self.device, self.dtype).requires_grad_(False)
-        self._add_adapters(lora_rank, lora_alpha, fake_lora_rank, fake_lora_alpha, seed)
+        self._add_adapters(lora_rank, lora_alpha, fake_lora_rank, fake_lora_alpha, n_fakes, seed)
         if gradient_checkpointing if gradient_checkpointing is not None else on_gpu:
             self.net.enable_gradient_checkpointing(gradient_checkpointing_func=self._checkpoint)
             self.vae.enable_gradient_checkpointing()
@@ -248,8 +249,8 @@ class T2IWorld:
     def x0(self, role, x, sigma, cond, cfg=1.0, adapter_scale=1.0):
         """x0-prediction (n, C, h, w) in fp32 of a role at level sigma, with classifier-free guidance cfg (both branches in
         one batch, the role's adapter active in both, as a LoRA is in a guided pipeline call)."""
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; valid roles: {', '.join(ROLES)}")
+        if role != "teacher" and role not in self.adapter_roles:
+            raise ValueError(f"unknown role {role!r}; valid roles: teacher, {', '.join(self.adapter_roles)}")
         sigma = self._per_sample(sigma, x)
         guided = cfg != 1.0 and not bool((cond == self.null_label).all())
         if guided:
@@ -272,9 +273,19 @@ class T2IWorld:
         """Trainable parameters of the role's LoRA adapter (fp32), in a fixed order (the teacher has none)."""
         return list(self._params[role])
 
+    def lora_factors(self, role):
+        """The role's LoRA as [(A (r, in), B (out, r), scaling alpha / r)] per adapted layer, the parameters themselves
+        (a layer's weight change is scaling * B @ A), in a fixed order that is the same for every role."""
+        return [(layer.lora_A[role].weight, layer.lora_B[role].weight, self._scaling[role]) for layer in self._lora_layers
+                if role in layer.lora_A]
+
     def reward(self, x0, cond):
         """Differentiable per-sample reward (n,) of clean latents: fp32 VAE decode, then the reward models."""
         return self.reward_fn(self.decode(x0), cond)
+
+    def reward_terms(self, x0, cond):
+        """The reward spec's terms {name: (weight, capped per-sample score (n,))}: reward() is their weighted sum."""
+        return self.reward_fn.weighted_terms(self.decode(x0), cond)
 
     def decode(self, x0):
         """Latents (n, C, h, w) -> images (n, 3, H, W) in [0, 1], fp32 (the pipelines' own latent scaling)."""
@@ -323,9 +334,10 @@ class T2IWorld:
 
     # ---- evaluation and figures ----
     @torch.no_grad()
-    def evaluate(self, samples, cond, beta=None, batch_size=8):
+    def evaluate(self, samples, cond, beta=None, steps=None, batch_size=8):
         """Mean reward (the training reward) and each reward model's mean score on decoded samples (beta: unused;
-        a text-to-image teacher has no closed-form tilted distribution)."""
+        a text-to-image teacher has no closed-form tilted distribution; steps: unused, the per-step distances are the
+        toy's, an image world has no exact reference distribution to measure them against)."""
         totals = {}
         for i in range(0, samples.shape[0], batch_size):
             images = self.decode(samples[i : i + batch_size])
@@ -416,23 +428,26 @@ class T2IWorld:
         added = {"text_embeds": pooled, "time_ids": self.time_ids.expand(x.shape[0], -1)}
         return self.net(x, t, encoder_hidden_states=text, added_cond_kwargs=added, return_dict=False)[0]
 
-    def _add_adapters(self, rank, alpha, fake_rank, fake_alpha, seed):
+    def _add_adapters(self, rank, alpha, fake_rank, fake_alpha, n_fakes, seed):
         from peft import LoraConfig
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         targets = LORA_TARGETS[self.family]
+        # per-step fake scores "fake1", ... (--fake-tracks per-step) are added after the first two, whose init stays as is
+        self.adapter_roles = ["generator", "fake"] + [f"fake{k}" for k in range(1, n_fakes)]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for role, r, a in (("generator", rank, alpha), ("fake", fake_rank, fake_alpha)):
+            for role in self.adapter_roles:
+                r, a = (rank, alpha) if role == "generator" else (fake_rank, fake_alpha)
                 # B = 0: every adapter starts as the teacher, so at step 0 fake == generator == teacher
                 config = LoraConfig(r=r, lora_alpha=a, init_lora_weights="gaussian", target_modules=targets)
                 with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the design
                     warnings.simplefilter("ignore")
                     self.net.add_adapter(config, adapter_name=role)
         self._lora_layers = [m for m in self.net.modules() if isinstance(m, BaseTunerLayer)]
-        self._scaling = {role: self._lora_layers[0].scaling[role] for role in ("generator", "fake")}  # alpha / r
+        self._scaling = {role: self._lora_layers[0].scaling[role] for role in self.adapter_roles}  # alpha / r
         self._params, self._param_names = {"teacher": []}, {"teacher": []}
-        for role in ("generator", "fake"):
+        for role in self.adapter_roles:
             named = [(n, p) for n, p in self.net.named_parameters() if f".{role}." in n and ".lora_" in n]
             self._param_names[role] = [n for n, _ in named]
             self._params[role] = [p for _, p in named]
