@@ -43,7 +43,7 @@ def tiny(tmp_path_factory):
     build_tiny_sdxl(root / "sdxl")
     build_tiny_clip(root / "clip", head_path=root / "aesthetic_head.pth")
     return {"sd3-medium": root / "sd3", "sdxl": root / "sdxl", "clip": root / "clip",
-            "head": root / "aesthetic_head.pth"}
+            "head": root / "aesthetic_head.pth", "cache": root / "prompt_cache"}
 
 
 def make_world(tiny, model, reward="clip", **kw):
@@ -52,7 +52,8 @@ def make_world(tiny, model, reward="clip", **kw):
     ckpts = {"clip": str(tiny["clip"]), "pickscore": str(tiny["clip"]), "aesthetic": str(tiny["head"]),
              "aesthetic-clip": str(tiny["clip"])}
     args = dict(model_path=str(tiny[model]), resolution=32, reward=reward, reward_checkpoints=ckpts, lora_rank=4,
-                lora_alpha=8, fake_lora_rank=2, fake_lora_alpha=2, seed=0, device="cpu")
+                lora_alpha=8, fake_lora_rank=2, fake_lora_alpha=2, seed=0, device="cpu",
+                prompt_cache_dir=str(tiny["cache"]))
     return T2IWorld(model, **{**args, **kw})
 
 
