@@ -405,7 +405,7 @@ def check_packages(terms):
         except Exception as err:  # noqa: BLE001 (ImportError, FileNotFoundError, a torchvision RuntimeError: all say why)
             hint = ""
             if isinstance(err, FileNotFoundError) and "bpe" in str(err).lower():
-                hint = " This is the hpsv2 wheel from PyPI, which lacks its BPE vocabulary: pip uninstall hpsv2, then"
+                hint = " This is the hpsv2 wheel from PyPI, which lacks its BPE vocabulary: pip uninstall hpsv2."
             raise ImportError(
                 f"reward {name!r} needs the optional package {pip_name}, and `import {module}` failed "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).{hint} Install it as: "

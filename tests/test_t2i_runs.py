@@ -269,3 +269,34 @@ def test_real_weights_with_the_smoke_test_prompts_warn(tiny, tmp_path, monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_world(tiny, "sd3-medium", tmp_path, prompts=str(prompts))
+
+
+# ------------------------------------------------------------------------------------------- evaluation's teacher
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_eval_teacher_is_the_stock_pipeline(tiny, model, tmp_path):
+    """eval.py's teacher (its default steps: SD3 28, SDXL 50; CFG 3) gives the stock pipeline's latents from the same
+    seed: levels from the pipeline's own scheduler (SD3 ending at sigma 3 s / (1 + 2 s), s = 3 / 1002, ~0.009; SDXL
+    at timestep 1), guidance on the same null condition. Tolerance: float32 round-off of two algebraically equal step
+    formulas, accumulated over the steps (1e-4 relative)."""
+    import eval as evaluation
+    from t2i.world import pipeline_class
+
+    world = make_world(tiny, model, tmp_path)
+    steps = evaluation.TEACHER_STEPS[world.family]
+    levels = evaluation.teacher_sigmas(world, steps)
+    assert len(levels) == steps
+    if world.is_flow:
+        assert levels[0] == 1.0 and abs(levels[-1] - 3 * (3 / 1002) / (1 + 2 * (3 / 1002))) < 1e-6  # 0.00893
+    else:
+        torch.testing.assert_close(world.timestep(torch.tensor(levels)), torch.arange(981, 0, -20).float())
+    cond = world.sample_cond(2, split="eval")
+    prompts = [world.prompts[i] for i in cond.tolist()]
+    pipe = pipeline_class(world.family).from_pretrained(tiny[model])
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(prompts, height=32, width=32, num_inference_steps=steps, guidance_scale=3.0, output_type="latent",
+                 generator=torch.Generator().manual_seed(5)).images
+    ours = evaluation.sample_teacher(world, cond, world.noise(cond, torch.Generator().manual_seed(5)), steps, 3.0)
+    assert ours.abs().mean() > 0.1
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4 * float(stock.abs().max()))
