@@ -297,7 +297,10 @@ def teacher_sigmas(world, steps):
     calls it. SD3 (FlowMatchEulerDiscreteScheduler): its sigmas without the final 0, 1 ... ~0.009 for 28 steps with
     shift 3 (the shift is applied to a grid that already ends at the shifted sigma_min); with dynamic shifting, mu as
     the pipeline computes it from the latent size. SDXL (EulerDiscreteScheduler, "leading" spacing): the timesteps
-    981, 961, ..., 1 for 50 steps, as VP levels sqrt(1 - alphas_cumprod[t])."""
+    981, 961, ..., 1 for 50 steps, as VP levels sqrt(1 - alphas_cumprod[t]). A world without a pipeline scheduler
+    (the toy): the pre-shift levels 1, 1 - 1/steps, ..., 1/steps."""
+    if getattr(world, "scheduler_config", None) is None:
+        return [float(world.sigma(torch.tensor(1.0 - k / steps))) for k in range(steps)]
     import diffusers
 
     config = dict(world.scheduler_config)
