@@ -40,10 +40,12 @@ DEFAULT_CHECKPOINTS = {
     "imagereward": "THUDM/ImageReward/ImageReward.pt",
     "imagereward-tokenizer": "google-bert/bert-base-uncased",
 }
-# verified in a scratch venv (README, "Reward models"): the hpsv2 wheel lacks its BPE vocabulary, hpsv2x ships it; with
-# its dependencies hpsv2x would pull a CUDA torch 2.14, pytest 7.2 and protobuf 3.20, so: no deps, and only what the
-# scorer imports (torchvision matching your torch: the one that torch's own index pairs with it)
-HPSV2_INSTALL = "pip install --no-deps hpsv2x==1.2.0 && pip install ftfy clint && pip install --no-deps torchvision==<yours>"
+# verified in a scratch venv (README, "Rewards"): the hpsv2 wheel lacks its BPE vocabulary, hpsv2x ships it; with its
+# dependencies hpsv2x would pull a CUDA torch 2.14, pytest 7.2 and protobuf 3.20, so: no deps, and only what its
+# open_clip imports, with a torchvision built for the installed torch
+HPSV2_INSTALL = ("pip install --no-deps hpsv2x==1.2.0 && pip install ftfy clint, plus a torchvision built for your "
+                 "torch (torch 2.13.0 with CUDA: pip install --no-deps torchvision==0.28.0; a CPU-only torch: the CPU "
+                 "build of torchvision 0.28.0 from PyTorch's CPU wheel index, as the PyPI one fails to import)")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
