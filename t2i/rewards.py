@@ -357,14 +357,16 @@ def make_reward(name, prompts, device, checkpoints, shared=None):
     """The scorer `name` with its local weights from checkpoints (name -> path; pickscore's processor, the aesthetic
     head's CLIP and ImageReward's tokenizer have their own keys); None: the hub default. A given path that does not
     exist is a FileNotFoundError naming it. shared: a dict in which CLIP models are shared across scorers."""
-    checkpoints = {k: _local(k, v) for k, v in checkpoints.items() if v}
-    kwargs = {"checkpoint": checkpoints.get(name), "shared": shared}
+    def given(key):  # only this scorer's own entries are checked: another reward's missing weights are not its error
+        return _local(key, checkpoints[key]) if checkpoints.get(key) else None
+
+    kwargs = {"checkpoint": given(name), "shared": shared}
     if name == "pickscore":
-        kwargs["processor_checkpoint"] = checkpoints.get("pickscore-processor")
+        kwargs["processor_checkpoint"] = given("pickscore-processor")
     if name == "aesthetic":
-        kwargs["clip_checkpoint"] = checkpoints.get("aesthetic-clip")
+        kwargs["clip_checkpoint"] = given("aesthetic-clip")
     if name == "imagereward":
-        kwargs["tokenizer_checkpoint"] = checkpoints.get("imagereward-tokenizer")
+        kwargs["tokenizer_checkpoint"] = given("imagereward-tokenizer")
     return REWARDS[name](prompts, device, **kwargs)
 
 
@@ -418,8 +420,9 @@ def check_packages(terms):
 
 
 def parse_checkpoints(text):
-    """"clip=/models/clip,aesthetic=/models/head.pth" -> dict (None or "" -> {}). Names must be checkpoint keys and
-    paths must exist: `clip=/nope` is a "not found" error naming /nope, before any model loads."""
+    """"clip=/models/clip,aesthetic=/models/head.pth" -> dict (None or "" -> {}); names must be checkpoint keys. Paths are
+    checked where they are used (make_reward: a missing one is a "not found" error naming it, which eval.py reports as
+    a skipped metric) or up front with check_checkpoints."""
     out = {}
     for part in [p.strip() for p in (text or "").split(",") if p.strip()]:
         if "=" not in part:
@@ -427,8 +430,13 @@ def parse_checkpoints(text):
         name, path = (x.strip() for x in part.split("=", 1))
         if name not in CHECKPOINT_KEYS:
             raise ValueError(f"reward checkpoint {name!r}: unknown name; valid names: {', '.join(CHECKPOINT_KEYS)}")
-        out[name] = _local(name, path)
+        out[name] = path
     return out
+
+
+def check_checkpoints(checkpoints):
+    """Before any model loads: every given path exists (`clip=/nope` -> FileNotFoundError naming /nope)."""
+    return {k: _local(k, v) for k, v in checkpoints.items()}
 
 
 class WeightedReward(nn.Module):

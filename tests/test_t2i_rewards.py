@@ -2,8 +2,8 @@
   * ImageReward: our loader (transformers' BLIP modules + the MLP head, from an ImageReward.pt state dict) gives the
     scores that the authors' own BLIP code gives on the same tiny random checkpoint and inputs, and is differentiable;
   * clip + aesthetic on one CLIP checkpoint load one CLIPModel, with the scores of separately loaded scorers;
-  * --reward-checkpoints: a path that does not exist is a "not found" error naming it, an unknown name lists the valid
-    ones;
+  * --reward-checkpoints: a path that does not exist is a "not found" error naming it (check_checkpoints up front,
+    make_reward where it is used), an unknown name lists the valid ones;
   * hpsv2: check_packages imports the module its scorer imports, so the PyPI wheel's import-time FileNotFoundError
     (its missing BPE vocabulary) is caught before any model loads, with the install line that works.
 """
@@ -72,15 +72,16 @@ def test_clip_and_aesthetic_share_one_clip_model(tmp_path, monkeypatch):
 
 
 def test_reward_checkpoints_that_do_not_exist_are_not_found(tmp_path):
-    from t2i.rewards import make_reward, parse_checkpoints
+    from t2i.rewards import check_checkpoints, make_reward, parse_checkpoints
 
     with pytest.raises(FileNotFoundError, match="--reward-checkpoints clip=/nope: /nope not found"):
-        parse_checkpoints("clip=/nope")
+        check_checkpoints(parse_checkpoints("clip=/nope"))
     with pytest.raises(FileNotFoundError, match="/nope not found"):
         make_reward("clip", PROMPTS, "cpu", {"clip": "/nope"})
     with pytest.raises(ValueError, match="unknown name; valid names: clip, pickscore, .*imagereward-tokenizer"):
         parse_checkpoints(f"clp={tmp_path}")
-    assert parse_checkpoints(f"clip={tmp_path}, hpsv2={tmp_path}") == {"clip": str(tmp_path), "hpsv2": str(tmp_path)}
+    given = parse_checkpoints(f"clip={tmp_path}, hpsv2={tmp_path}")
+    assert check_checkpoints(given) == given == {"clip": str(tmp_path), "hpsv2": str(tmp_path)}
 
 
 def test_hpsv2_check_imports_the_module_and_catches_its_real_failure(tmp_path, monkeypatch):
