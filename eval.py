@@ -291,16 +291,46 @@ def reference_results(world, n, beta, seed=4321):
 TEACHER_STEPS = {"sd3": 28, "sdxl": 50}  # the diffusers pipelines' default num_inference_steps
 
 
+def teacher_sigmas(world, steps):
+    """The noise levels (highest first) at which the stock pipeline evaluates the teacher for `steps` inference steps:
+    its own scheduler (the class named in the model's scheduler config) after set_timesteps(steps), as the pipeline
+    calls it. SD3 (FlowMatchEulerDiscreteScheduler): its sigmas without the final 0, 1 ... ~0.009 for 28 steps with
+    shift 3 (the shift is applied to a grid that already ends at the shifted sigma_min); with dynamic shifting, mu as
+    the pipeline computes it from the latent size. SDXL (EulerDiscreteScheduler, "leading" spacing): the timesteps
+    981, 961, ..., 1 for 50 steps, as VP levels sqrt(1 - alphas_cumprod[t]). A world without a pipeline scheduler
+    (the toy): the pre-shift levels 1, 1 - 1/steps, ..., 1/steps."""
+    if getattr(world, "scheduler_config", None) is None:
+        return [float(world.sigma(torch.tensor(1.0 - k / steps))) for k in range(steps)]
+    import diffusers
+
+    config = dict(world.scheduler_config)
+    sched = getattr(diffusers, config["_class_name"]).from_config(config)
+    kwargs = {}
+    if world.is_flow and config.get("use_dynamic_shifting"):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        patch = getattr(world.net.config, "patch_size", 1) or 1
+        seq = (world.data_shape[1] // patch) * (world.data_shape[2] // patch)
+        kwargs["mu"] = calculate_shift(seq, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                       config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+    sched.set_timesteps(steps, **kwargs)
+    if world.is_flow:
+        return [float(s) for s in sched.sigmas[:-1]]
+    return [float(world.sigma((t + 1) / world.num_train_timesteps)) for t in sched.timesteps.double()]  # tau = 1000 t - 1
+
+
 @torch.no_grad()
 def sample_teacher(world, cond, noise, steps, cfg):
-    """The teacher's deterministic sampler (DDIM; on a flow path this is the Euler ODE step) with classifier-free
-    guidance, on the pre-shift levels 1, 1 - 1/steps, ..., 1/steps through the world's shift, ending with the x0
-    prediction at the last level as the student does: x' = alpha' x0 + sigma' (x - alpha x0) / sigma."""
-    levels = [float(world.sigma(torch.tensor(1.0 - k / steps))) for k in range(steps)]
+    """The teacher as a stock pipeline samples it: `steps` deterministic steps at the pipeline scheduler's own levels
+    (teacher_sigmas), with classifier-free guidance. Each step predicts x0 and moves to the next level along the
+    predicted noise, x' = alpha' x0 + sigma' (x - alpha x0) / sigma (DDIM; the flow Euler step, and the
+    EulerDiscreteScheduler step written in VP coordinates); the last step returns the x0 prediction (the schedulers'
+    step to sigma 0)."""
+    levels = teacher_sigmas(world, steps)
     x = noise
     for k, sigma in enumerate(levels):
         x0 = world.x0("teacher", x, sigma, cond, cfg=cfg)
-        if k + 1 < steps:
+        if k + 1 < len(levels):
             eps = (x - world.alpha(torch.tensor(sigma)) * x0) / sigma
             x = world.alpha(torch.tensor(levels[k + 1])) * x0 + levels[k + 1] * eps
     return x0
