@@ -12,7 +12,8 @@ gives the milliseconds per generator update (from the training loop's own clock,
 fixed cost (imports, the world, the step-0 and final evaluations, the figures) and, for f < 1, the full run's
 estimated wall time, fixed + rate x its updates. A wall time on a shared machine is not the code's alone: the 1-minute load average before and after each
 measurement is printed and written beside it, with the CPU seconds of this process (user + system), which the load
-changes much less. Writes <out>/speed.json (default runs/speed__<time>/) and prints a markdown table.
+changes much less. Writes <out_dir>/speed.json (default runs/speed__<time>/; with --notebooks also the executed
+notebooks) and prints a markdown table.
 """
 
 import json
@@ -41,7 +42,8 @@ class Args:
     fraction: float = 1.0
     """share of each default run's generator updates to run (1: the whole run; the full-run time is then estimated)"""
     notebooks: bool = False
-    """also execute each notebook in notebooks/ (a fresh kernel each, as tests/test_notebooks.py does) and time it"""
+    """also execute each notebook in notebooks/ (a fresh kernel each, as tests/test_notebooks.py does), time it, and
+    write the executed copy with its figures to <out_dir>/notebooks/"""
     seed: int = 0
     """training seed of every run"""
     out_dir: Optional[str] = None
@@ -100,15 +102,17 @@ def time_method(method, fraction, seed):
     return row
 
 
-def time_notebook(path):
-    """Execute one notebook top to bottom in a fresh kernel (no cell time limit) and time it."""
+def time_notebook(path, out_dir):
+    """Execute one notebook top to bottom in a fresh kernel (no cell time limit), time it, and write the executed
+    copy (with its outputs and figures) to out_dir."""
     import nbclient
     import nbformat
 
     book = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(book, timeout=None, startup_timeout=600, kernel_name="python3",
+    client = nbclient.NotebookClient(book, timeout=None, startup_timeout=600, iopub_timeout=60, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})
     _, t = timed(client.execute)
+    nbformat.write(book, out_dir / path.name)
     return {"name": f"notebooks/{path.name}", **t}
 
 
@@ -139,11 +143,13 @@ def validate(args):
 
 def main(args):
     validate(args)
-    rows = [time_method(m, args.fraction, args.seed) for m in args.methods]
-    if args.notebooks:
-        rows += [time_notebook(p) for p in sorted((Path(__file__).resolve().parent / "notebooks").glob("*.ipynb"))]
     out_dir = Path(args.out_dir or f"runs/speed__{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True)
+    rows = [time_method(m, args.fraction, args.seed) for m in args.methods]
+    if args.notebooks:
+        (out_dir / "notebooks").mkdir()
+        rows += [time_notebook(p, out_dir / "notebooks")
+                 for p in sorted((Path(__file__).resolve().parent / "notebooks").glob("*.ipynb"))]
     info = {"fraction": args.fraction, "seed": args.seed, "cpu_count": os.cpu_count(), "rows": rows}
     (out_dir / "speed.json").write_text(json.dumps(info, indent=2))
     print(f"toy run times (fraction {args.fraction:g} of each default run, {os.cpu_count()} CPUs, one torch thread)\n")

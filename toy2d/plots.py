@@ -68,8 +68,11 @@ def draw_samples(ax, samples, mixture, limit, title="", tilted=None, max_points=
         handles.insert(1, Line2D([], [], color="tab:red", lw=0.8, ls="--", label=tilted_label or "tilted teacher"))
     if out.any():
         handles.append(Line2D([], [], ls="", marker="x", ms=4, color="tab:orange", label="samples outside the axes"))
-    if legend:
-        ax.legend(handles=handles, fontsize=6, loc="lower left", framealpha=0.85, handlelength=1.6)
+    if legend:  # in the panel: short names, in the corner the ring leaves empty
+        short = {"teacher log p (peak -1, -3, -6)": "teacher", "samples outside the axes": "outside"}
+        ax.legend(handles, [short.get(h.get_label(), h.get_label()) for h in handles], fontsize=5.5, loc="lower left",
+                  framealpha=0.8, handlelength=1.2, borderpad=0.3, labelspacing=0.2, handletextpad=0.4,
+                  borderaxespad=0.2)
     return handles
 
 
