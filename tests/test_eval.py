@@ -469,7 +469,7 @@ def test_a_panel_says_how_many_samples_fall_outside_its_axes():
     far[0] = float("nan")
     ax, handles = draw(torch.cat([torch.zeros(100, 2), far]))
     (note,) = [t.get_text() for t in ax.texts]
-    assert note.startswith("50% of the samples outside the axes\n(100 of 200, max |x| 1e+09)")
+    assert note == "50% outside the axes (100 of 200)\nmax |x| 1e+09; x: where they left"
     crosses = ax.collections[-1].get_offsets()
     assert crosses.shape == (99, 2) and (crosses == 3.0).all()
     assert "samples outside the axes" in {h.get_label() for h in handles}

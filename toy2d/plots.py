@@ -48,11 +48,10 @@ def draw_samples(ax, samples, mixture, limit, title="", tilted=None, max_points=
         ax.scatter(border[:, 0], border[:, 1], s=14, marker="x", linewidths=0.8, color="tab:orange", clip_on=False)
         far = samples.detach().cpu().double()[out]
         far = far[torch.isfinite(far).all(-1)]
-        where = f", max |x| {float(far.abs().max()):.2g}" if far.numel() else ""
+        where = f"max |x| {float(far.abs().max()):.2g}; " if far.numel() else ""
         share = float(out.double().mean())
         percent = f"{share:.0%}" if share >= 0.1 else f"{share:.1%}"
-        note = f"{percent} of the samples outside the axes\n({int(out.sum())} of {out.numel()}{where})\n" \
-               "x: where they left, on the border"
+        note = f"{percent} outside the axes ({int(out.sum())} of {out.numel()})\n{where}x: where they left"
         ax.text(*_emptiest_spot(x, limit), note, transform=ax.transAxes, ha="center", va="center", fontsize=6,
                 color="tab:orange", bbox=dict(boxstyle="round", fc="white", ec="tab:orange", alpha=0.85))
     ax.set_xlim(-limit, limit)
