@@ -42,15 +42,15 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, get_args
 
-import tyro
 from tqdm import tqdm
 
 STUDENT_STEPS = 4  # pinned here, not taken from the method files' defaults, so that every row is the same student
 BATCH_SIZE = 256  # samples per generator update (rtdmd's stage 2 uses groups x group_size = 16 x 16 = 256 as well)
-BENCH_CONFIGS = ("dmd", "dmdr", "rtdmd", "gdmd", "rl-only", "dmd-then-rl", "dmdr-no-dyna", "rtdmd-naive-grpo",
-                 "gdmd-raw-samples")
+BenchConfig = Literal["dmd", "dmdr", "rtdmd", "gdmd", "rl-only", "dmd-then-rl", "dmdr-no-dyna", "rtdmd-naive-grpo",
+                      "gdmd-raw-samples"]  # the configurations (see the top of this file); --help lists them
+BENCH_CONFIGS = get_args(BenchConfig)
 
 
 @dataclass
@@ -59,8 +59,8 @@ class Args:
     """generator updates per run (the shared budget); two-stage methods: half cold start, half the reward stage"""
     seeds: tuple[int, ...] = (0, 1, 2)
     """training seeds of every configuration"""
-    only: tuple[str, ...] = ()
-    """run only these configurations (default: all of BENCH_CONFIGS)"""
+    only: tuple[BenchConfig, ...] = ()
+    """run only these configurations (default: all nine)"""
     workers: int = 2
     """parallel training processes (one torch thread each)"""
     eval_samples: int = 4000
@@ -243,18 +243,33 @@ def load_report(out_dir, eval_samples, eval_seed):
     return rows, samples, old.get("wall_seconds", float("nan")), old.get("cpu_seconds", float("nan")), old.get("steps")
 
 
+def validate(args):
+    """Every check that can fail before any work starts (the command line prints its error on one line)."""
+    for c in args.only:
+        if c not in BENCH_CONFIGS:
+            raise ValueError(f"unknown benchmark configuration {c!r}; valid: {', '.join(BENCH_CONFIGS)}")
+    if args.steps < 2 or not args.seeds or args.workers < 1:
+        raise ValueError(f"need steps >= 2, at least one seed and workers >= 1; got steps {args.steps}, seeds "
+                         f"{list(args.seeds)}, workers {args.workers}")
+    if args.eval_samples < 2:
+        raise ValueError(f"eval_samples must be >= 2, got {args.eval_samples}")
+    if not args.beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {args.beta}")
+    if args.report is not None:
+        if not (Path(args.report) / "bench_rows.jsonl").is_file():
+            raise FileNotFoundError(f"--report {args.report}: no bench_rows.jsonl there (not a benchmark directory)")
+    elif args.out_dir is not None and Path(args.out_dir).exists():
+        raise FileExistsError(f"--out-dir {args.out_dir} exists; a benchmark directory is never overwritten")
+
+
 def main(args):
     import torch
 
     import eval as ev
 
     torch.set_num_threads(1)
+    validate(args)
     configs = list(args.only) or list(BENCH_CONFIGS)
-    for c in configs:
-        if c not in BENCH_CONFIGS:
-            raise ValueError(f"unknown benchmark configuration {c!r}; valid: {', '.join(BENCH_CONFIGS)}")
-    if args.steps < 2 or not args.seeds or args.workers < 1:
-        raise ValueError("need steps >= 2, at least one seed and workers >= 1")
     if args.report is not None:
         out_dir = Path(args.report)
         rows, samples, wall, cpu, steps = load_report(out_dir, min(args.eval_samples, 2000), args.eval_seed)
@@ -304,4 +319,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    import eval as ev
+
+    ev.cli_main(main, Args, validate)

@@ -177,10 +177,11 @@ class ToyWorld:
         torch.save(self.adapters[role].state_dict(), Path(directory) / f"{role}.pt")
 
     def load(self, role, directory):
+        """Load the role's adapter from directory/<role>.pt (weights only: a checkpoint cannot run code)."""
         path = Path(directory) / f"{role}.pt"
         if not path.exists():
             raise FileNotFoundError(f"no {role} checkpoint at {path}")
-        self.adapters[role].load_state_dict(torch.load(path, map_location=self.device))
+        self.adapters[role].load_state_dict(torch.load(path, map_location=self.device, weights_only=True))  # tensors only
 
     # ---- evaluation and figures ----
     def evaluate(self, samples, cond, beta=None, steps=None, reference_size=4000, seed=1234):
@@ -220,17 +221,20 @@ class ToyWorld:
         return out
 
     def plot_samples(self, samples, path, title="", beta=None):
-        """Scatter samples over the teacher's density contours on fixed axes (and the tilted teacher's, dashed)."""
+        """Scatter samples over the teacher's density contours (solid) on fixed axes, and the tilted teacher's
+        (dashed) when beta is given and the reward has a closed-form tilt."""
         from .plots import plot_samples
 
         tilted = self.reward_fn.tilt(self.mixture, beta) if beta and self.reward_fn.name != "radius" else None
-        plot_samples(samples, self.mixture, path, title, self.plot_limit, tilted)
+        plot_samples(samples, self.mixture, path, title, self.plot_limit, tilted, f"tilted teacher, beta={beta:g}"
+                     if tilted is not None else None)
 
-    def plot_curves(self, history, keys, path, title=""):
-        """Metric curves (one panel per key) from metrics.jsonl records."""
+    def plot_curves(self, history, keys, path, title="", stage_boundaries=None):
+        """Metric curves (one panel per key, 3 a row) from metrics.jsonl records: energy distances with their noise
+        floor, stage boundaries marked (None: where the records' "stage" changes)."""
         from .plots import plot_curves
 
-        plot_curves(history, keys, path, title)
+        plot_curves(history, keys, path, title, stage_boundaries)
 
     # ---- internals ----
     def _x0_branch(self, role, x, sigma, cond, adapter_scale):
