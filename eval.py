@@ -64,7 +64,8 @@ from tqdm import tqdm
 METHODS = ("dmd", "dmdr", "rtdmd", "gdmd")  # method files eval can load (method files never import each other; eval may)
 T2IMetric = Literal["clip", "pickscore", "hpsv2", "aesthetic", "imagereward"]  # the papers' suite (t2i/rewards.py)
 T2I_METRICS = typing.get_args(T2IMetric)
-CONFIG_META_KEYS = ("method", "version")  # config.json keys that are not Args fields
+CONFIG_META_KEYS = ("method", "version", "provenance")  # config.json keys that are not Args fields (provenance: git
+# commit, package versions and the resolved device of the run)
 DEFAULT_BETA = 1.0
 
 
@@ -193,13 +194,13 @@ def check_run(run_dir, allow_new_options=False):
     config = read_config(run_dir)
     module = method_module(config["method"])
     args = config_to_args(config, module, run_dir / "config.json", allow_new_options)
-    ckpt = run_dir / "checkpoint"
+    ckpt = module.find_checkpoint(run_dir) or run_dir / "checkpoint"  # the last complete one, in every crash window
     if not ((ckpt / "generator.pt").exists() or (ckpt / "generator").is_dir()):
         raise FileNotFoundError(f"{run_dir} has no checkpoint (no {ckpt / 'generator.pt'} or {ckpt / 'generator'}/): the "
                                 "run stopped before its first checkpoint, or this is not a finished run directory")
     defaulted = sorted({f.name for f in dataclasses.fields(module.Args)} - set(config))
     return {"run_dir": run_dir, "config": config, "method": config["method"], "module": module, "args": args,
-            "options_defaulted": defaulted}
+            "options_defaulted": defaulted, "checkpoint": ckpt}
 
 
 def resolve_device(device):
@@ -232,7 +233,7 @@ def load_run(run_dir, device="cpu", allow_new_options=False):
     """check_run, then a fresh world built by the method file's own make_world with the trained generator loaded
     (world.load) and the checkpoint's step. Text-to-image worlds load their weights from the run's --model-path."""
     run = check_run(run_dir, allow_new_options)
-    ckpt = run["run_dir"] / "checkpoint"
+    ckpt = run["checkpoint"]
     world = run["module"].make_world(run["args"], device)
     world.load("generator", ckpt)
     state = ckpt / "state.json"

@@ -37,8 +37,8 @@ def test_each_fake_trains_on_the_outputs_of_the_step_it_scores(fake_tracks, monk
     sigmas = dmd.student_sigmas(world, 4)
     calls = []
     real_loss = dmd.fake_score_loss
-    monkeypatch.setattr(dmd, "fake_score_loss", lambda w, x0, c, t, role="fake": calls.append((role, x0.clone())) or
-                        real_loss(w, x0, c, t, role=role))
+    monkeypatch.setattr(dmd, "fake_score_loss", lambda w, x0, c, t, **kw: calls.append((kw["role"], x0.clone())) or
+                        real_loss(w, x0, c, t, **kw))
     opts = {r: torch.optim.SGD(world.params(r), lr=0.0) for r in dmd.fake_roles(fake_tracks, 4)}  # lr 0: nothing moves
     torch.manual_seed(3)
     dmd.fake_score_updates(world, args, sigmas, opts)
