@@ -911,8 +911,9 @@ def resume_args(args, method):
     resumed = type(args)(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in known})
     resumed.resume, resumed.progress = str(run_dir), args.progress
     if args.num_steps is not None and args.num_steps != resumed.num_steps:
-        if resumed.lr_schedule != "constant":
-            raise ValueError(f"--resume {run_dir} --num-steps {args.num_steps}: its {resumed.lr_schedule} lr schedule is "
+        schedule = getattr(resumed, "lr_schedule", "constant")
+        if schedule != "constant":
+            raise ValueError(f"--resume {run_dir} --num-steps {args.num_steps}: its {schedule} lr schedule is "
                              f"fixed by num_steps ({resumed.num_steps}); only a constant-lr run can be extended")
         if args.num_steps < resumed.num_steps:
             raise ValueError(f"--num-steps {args.num_steps} is below the run's {resumed.num_steps}: a run is only extended")
