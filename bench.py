@@ -19,7 +19,9 @@ defaults of 1200-1600 so that 27 runs fit in 15 minutes); two-stage methods spen
 4-step student and 256 samples per generator update; every other option is the method file's toy default. The world is
 the toy default (ring8, linear reward r = x_1); the reward-tilted teacher is p exp(beta r) / Z with beta = 1 (rtdmd's
 own beta). Configurations:
-    dmd                   dmd.py: DMD2 distillation only (the baseline)
+    dmd                   dmd.py: DMD2 distillation only (the baseline), one fake score per student step (--fake-tracks
+                          per-step, the toy default)
+    dmd-mixture           dmd.py --fake-tracks mixture: DMD2's own estimator (one fake on a random step's outputs)
     dmdr                  dmdr.py: RT-DM + DynaDG + DynaRS cold start, then joint DMD + ReFL
     rtdmd                 rtdmd.py: AC-DMD cold start, then reward-tilted KL with SubGRPO (M = 2) + L_det
     gdmd                  gdmd.py: plain-DMD cold start, then GDMD (rewards of the DMD targets)
@@ -28,7 +30,10 @@ own beta). Configurations:
                           alone (--no-dmd): distil first, fine-tune with RL after (sequential, not joint)
     dmdr-no-dyna          dmdr.py --no-dyna-dg --no-dyna-rs: DMDR without its cold-start schedules
     rtdmd-naive-grpo      rtdmd.py --naive-grpo: independent noise and every step in the estimator (no SubGRPO)
-    gdmd-raw-samples      gdmd.py --naive-fusion: the reward of the raw sample instead of the DMD targets
+    gdmd-raw-samples      gdmd.py --naive-fusion: the reward of the raw sample instead of the DMD targets (our
+                          baseline, not the paper's DMD + NFT on SDE rollouts)
+    gdmd-no-cold-start    gdmd.py --cold-start-steps 0: GDMD from the teacher-initialised student, the noisy early
+                          stage the abstract is about
 What to read in the table: ED to teacher / to tilted teacher (each with its floor ratio), mean reward against the
 tilted teacher's (its reference row), teacher log-density and off-manifold fraction (reward hacking sends both the
 wrong way), diversity against the teacher's.
@@ -48,8 +53,8 @@ from tqdm import tqdm
 
 STUDENT_STEPS = 4  # pinned here, not taken from the method files' defaults, so that every row is the same student
 BATCH_SIZE = 256  # samples per generator update (rtdmd's stage 2 uses groups x group_size = 16 x 16 = 256 as well)
-BenchConfig = Literal["dmd", "dmdr", "rtdmd", "gdmd", "rl-only", "dmd-then-rl", "dmdr-no-dyna", "rtdmd-naive-grpo",
-                      "gdmd-raw-samples"]  # the configurations (see the top of this file); --help lists them
+BenchConfig = Literal["dmd", "dmd-mixture", "dmdr", "rtdmd", "gdmd", "rl-only", "dmd-then-rl", "dmdr-no-dyna",
+                      "rtdmd-naive-grpo", "gdmd-raw-samples", "gdmd-no-cold-start"]  # the configurations (see the top of this file); --help lists them
 BENCH_CONFIGS = get_args(BenchConfig)
 
 
@@ -86,6 +91,8 @@ def method_args(config, steps, seed, beta, out_dir):
     dmdr_base = dict(stage1_steps=half, stage2_steps=steps - half, dynamic_steps=max(1, half // 2))  # toy: 500 of 1000
     if config == "dmd":
         return "dmd", dict(num_steps=steps, **run)
+    if config == "dmd-mixture":
+        return "dmd", dict(num_steps=steps, fake_tracks="mixture", **run)
     if config == "dmdr":
         return "dmdr", dict(**dmdr_base, **run)
     if config == "rl-only":
@@ -102,6 +109,8 @@ def method_args(config, steps, seed, beta, out_dir):
         return "gdmd", dict(num_steps=steps, cold_start_steps=half, **run)
     if config == "gdmd-raw-samples":
         return "gdmd", dict(num_steps=steps, cold_start_steps=half, naive_fusion=True, **run)
+    if config == "gdmd-no-cold-start":
+        return "gdmd", dict(num_steps=steps, cold_start_steps=0, **run)
     raise ValueError(f"unknown benchmark configuration {config!r}; valid: {', '.join(BENCH_CONFIGS)}")
 
 
@@ -204,6 +213,37 @@ def plot_reward_vs_logp(agg, refs, path, xlim=(-10.0, -1.5), ylim=(-0.5, 3.0)):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_student_steps(rows, configs, path, eval_samples, eval_seed, max_points=2000):
+    """The K steps' x0 outputs side by side (seed 0 of every configuration whose method samples with dmd.py's K-step
+    sampler: dmd, dmdr, gdmd), one row per configuration, with each step's energy distance to the teacher."""
+    import importlib
+
+    import eval as ev
+
+    panels, names = [], []
+    for c in configs:
+        run = next((r for r in sorted(rows, key=lambda r: r["seed"]) if r["config"] == c and "failed" not in r), None)
+        if run is None:
+            continue
+        loaded = ev.load_run(run["run_dir"], allow_new_options=True)
+        module = importlib.import_module(loaded["method"])
+        if "every_step" not in module.sample_student.__code__.co_varnames:
+            continue
+        world, args = loaded["world"], loaded["args"]
+        gen = __import__("torch").Generator().manual_seed(eval_seed)
+        cond = world.sample_cond(eval_samples, gen)
+        outputs = module.sample_student(world, cond, module.student_sigmas(world, args.student_steps),
+                                        world.noise(cond, gen), generator=gen, every_step=True)
+        metrics = world.evaluate(outputs[-1], cond, steps=outputs)
+        panels.append([(f"{c}: step {k} (ED {metrics[f'energy_distance_step{k}']:.3g})", x[:max_points])
+                       for k, x in enumerate(outputs)])
+        names.append(c)
+    if panels:
+        flat = [p for row in panels for p in row]
+        ev.plot_panels(flat, world, path, None, "every student step's x0 output (seed 0; the last is the sample)")
+    return names
 
 
 def run_jobs(args, configs, out_dir):
@@ -313,8 +353,10 @@ def main(args):
     ev.plot_panels(panels, world, out_dir / "bench_samples.png", args.beta,
                    f"toy benchmark, {args.steps} generator updates (tilted teacher dashed)")
     plot_reward_vs_logp(agg, refs, out_dir / "bench_reward_vs_logp.png")
+    with __import__("torch").no_grad():
+        plot_student_steps(rows, configs, out_dir / "bench_steps.png", min(args.eval_samples, 2000), args.eval_seed)
     print(text)
-    print(f"bench: wrote bench.md, bench.json, bench_samples.png, bench_reward_vs_logp.png to {out_dir}")
+    print(f"bench: wrote bench.md, bench.json, bench_samples.png, bench_reward_vs_logp.png, bench_steps.png to {out_dir}")
     return {"out_dir": out_dir, "rows": rows, "aggregate": agg, "references": refs, "wall_seconds": wall}
 
 

@@ -146,9 +146,9 @@ class Args:
     micro_batch_size: Optional[int] = None
     """split every forward / backward of a batch into chunks of this many samples whose gradients accumulate into one
     optimiser step (the same update as the whole batch); None: the whole batch at once"""
-    gradient_checkpointing: Optional[bool] = None
-    """text-to-image: recompute the network's blocks (and the reward decode) in backward to save memory, at ~+17% time
-    per step (default: on for CUDA)"""
+    gradient_checkpointing: bool = True
+    """text-to-image: recompute the network's blocks (and the reward decode) in backward, to save memory;
+    --no-gradient-checkpointing keeps the activations (~17% less time per step, measured on CPU)"""
     # ---- stage 1: RT-DM, DynaDG, DynaRS ----
     rt_dm: bool = True
     """stage 1: reward-tilted DM (eq. 4), DMD gradient weighted by exp(r / ||r||) (--no-rt-dm: plain DMD)"""

@@ -58,6 +58,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+
+import dmd  # find_checkpoint: the checkpoint layout every method shares
 import tyro
 from tqdm import tqdm
 
@@ -194,7 +196,8 @@ def check_run(run_dir, allow_new_options=False):
     config = read_config(run_dir)
     module = method_module(config["method"])
     args = config_to_args(config, module, run_dir / "config.json", allow_new_options)
-    ckpt = module.find_checkpoint(run_dir) or run_dir / "checkpoint"  # the last complete one, in every crash window
+    ckpt = dmd.find_checkpoint(run_dir) or run_dir / "checkpoint"  # the last complete one, in every crash window (every
+    # method writes it with dmd.py's save_checkpoint, a marked copy)
     if not ((ckpt / "generator.pt").exists() or (ckpt / "generator").is_dir()):
         raise FileNotFoundError(f"{run_dir} has no checkpoint (no {ckpt / 'generator.pt'} or {ckpt / 'generator'}/): the "
                                 "run stopped before its first checkpoint, or this is not a finished run directory")
