@@ -136,9 +136,9 @@ class Args:
     student_steps: Optional[int] = None
     """K, the number of student sampling steps (pre-shift levels 1, 1 - 1/K, ..., 1/K) (toy2d: 1; text-to-image: 4)"""
     num_steps: Optional[int] = None
-    """generator updates (toy2d: 1500)"""
+    """generator updates (toy2d: 1500; text-to-image: 4000)"""
     batch_size: Optional[int] = None
-    """samples per generator update (toy2d: 256)"""
+    """samples per generator update, per GPU under torchrun (toy2d: 512; SD3 presets: 8; sdxl: 4)"""
     lr_generator: Optional[float] = None
     """generator adapter learning rate (toy2d: 1e-3)"""
     lr_fake: Optional[float] = None
@@ -154,7 +154,7 @@ class Args:
     gradient of the K steps' mixture KL), final (one fake on the last step's outputs, DMD on the last step only),
     per-step (K fakes, fake k on step k's outputs, DMD at a random step k with fake k) (toy2d: per-step; text-to-image: final)"""
     guidance_scale: Optional[float] = None
-    """classifier-free guidance of the real score (toy2d: 1.0; DMD2 SDXL: 8)"""
+    """classifier-free guidance of the real score (toy2d: 1.0, it needs --toy-classes; sd3-medium: 7; sd3.5: 4.5; sdxl: 8)"""
     renoise_min: float = 0.02
     """lowest pre-shift time t of the DMD renoise, t ~ U[renoise_min, renoise_max] (Flash-DMD high noise: 0.5)"""
     renoise_max: float = 0.98

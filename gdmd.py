@@ -181,9 +181,9 @@ class Args:
     num_steps: Optional[int] = None
     """generator updates in all, cold start included (toy2d: 1500)"""
     cold_start_steps: Optional[int] = None
-    """plain-DMD generator updates before GDMD starts (toy2d: 750; 0 with --init-checkpoint)"""
+    """plain-DMD generator updates before GDMD starts (default: half of num_steps, 750 on the toy; 0 with --init-checkpoint)"""
     batch_size: Optional[int] = None
-    """samples per generator update (toy2d: 256)"""
+    """samples per generator update, per GPU under torchrun (toy2d: 256; SD3 presets: 8; sdxl: 4)"""
     lr_generator: Optional[float] = None
     """generator adapter learning rate (toy2d: 1e-3)"""
     lr_fake: Optional[float] = None
@@ -197,7 +197,7 @@ class Args:
     steps' mixture KL; the backbone GDMD's toy claims were measured on), final (the last step's outputs; DMD and GDMD
     on the last step only), per-step (K fakes)"""
     guidance_scale: Optional[float] = None
-    """classifier-free guidance of the real score (toy2d: 1.0; DMD2 SDXL: 8)"""
+    """classifier-free guidance of the real score (toy2d: 1.0, it needs --toy-classes; sd3-medium: 7; sd3.5: 4.5; sdxl: 8)"""
     renoise_min: float = 0.02
     """lowest pre-shift time t of the DMD renoise, t ~ U[renoise_min, renoise_max]"""
     renoise_max: float = 0.98
@@ -255,17 +255,17 @@ class Args:
 
 MODEL_DEFAULTS = {
     "toy2d": dict(eval_samples=4000, 
-        num_steps=1500, cold_start_steps=750, batch_size=256, lr_generator=1e-3, lr_fake=1e-3, guidance_scale=1.0,
+        num_steps=1500, batch_size=256, lr_generator=1e-3, lr_fake=1e-3, guidance_scale=1.0,
         lambda_gdmd=0.2,
     ),
     # text-to-image: GDMD has no public recipe. The DMD backbone uses DMDR's SD3-M numbers (lr 1e-6 / 5e-7, real CFG 7,
     # SD3.5: 4.5, LoRA r64 alpha128 / r32 alpha32) and DMD2's for SDXL (CFG 8, LoRA lr 5e-5); ours: the step counts,
     # lambda_gdmd (the toy's 0.2) and PickScore as the reward scored on the targets.
-    **{name: dict(num_steps=4000, cold_start_steps=2000, batch_size=8, lr_generator=1e-6, lr_fake=5e-7,
+    **{name: dict(num_steps=4000, batch_size=8, lr_generator=1e-6, lr_fake=5e-7,
                   guidance_scale=7.0 if name == "sd3-medium" else 4.5, lambda_gdmd=0.2, eval_samples=16,
                   t2i_reward="pickscore", lora_rank=64, lora_alpha=128, fake_lora_rank=32, fake_lora_alpha=32)
        for name in ("sd3-medium", "sd3.5-medium", "sd3.5-large")},
-    "sdxl": dict(num_steps=4000, cold_start_steps=2000, batch_size=4, lr_generator=5e-5, lr_fake=5e-5, guidance_scale=8.0,
+    "sdxl": dict(num_steps=4000, batch_size=4, lr_generator=5e-5, lr_fake=5e-5, guidance_scale=8.0,
                  lambda_gdmd=0.2, eval_samples=16, t2i_reward="pickscore", lora_rank=64, lora_alpha=64, fake_lora_rank=64,
                  fake_lora_alpha=64),
 }
@@ -688,6 +688,13 @@ def resolve_defaults(args):
     return args
 
 
+def derive_cold_start(args):
+    """cold_start_steps defaults to half of num_steps (0 from an --init-checkpoint), so --num-steps alone is consistent."""
+    if args.cold_start_steps is None and args.num_steps is not None:
+        args.cold_start_steps = 0 if args.init_checkpoint is not None else args.num_steps // 2
+    return args
+
+
 def validate(args):
     """Every check that can fail before any work starts."""
     if args.model not in MODELS:
@@ -713,8 +720,9 @@ def validate(args):
             continue
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)}")
-    if not 0 <= args.cold_start_steps <= args.num_steps:
-        raise ValueError(f"cold_start_steps must be in 0..num_steps ({args.num_steps}), got {args.cold_start_steps}")
+    cold = derive_cold_start(dataclasses.replace(args)).cold_start_steps
+    if not 0 <= cold <= args.num_steps:
+        raise ValueError(f"cold_start_steps must be in 0..num_steps ({args.num_steps}), got {cold}")
     for name in ("lr_generator", "lr_fake"):
         if not getattr(args, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
@@ -1018,7 +1026,7 @@ def main(args, world=None):
     ckpt = None
     if args.resume is not None:
         args, ckpt = resume_args(args, "gdmd")
-    args = resolve_defaults(args)
+    args = derive_cold_start(resolve_defaults(args))
     validate(args)
     rank, world_size, device = setup_distributed(args)
     lead = rank == 0  # data parallel: rank 0 alone evaluates, logs and saves
