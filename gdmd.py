@@ -139,7 +139,7 @@ FAKE_TRACKS = ("mixture", "final", "per-step")
 @dataclass
 class Args:
     # ---- world ----
-    model: str = "toy2d"
+    model: Literal["toy2d", "sd3-medium", "sd3.5-medium", "sd3.5-large", "sdxl"] = "toy2d"
     """world to distil: toy2d (2-D Gaussian mixture, CPU), or text-to-image sd3-medium, sd3.5-medium, sd3.5-large, sdxl"""
     model_path: Optional[str] = None
     """local copy of the model weights (text-to-image worlds; default: the preset's hub repository)"""
@@ -161,15 +161,15 @@ class Args:
     """text-to-image: fake-score LoRA rank"""
     fake_lora_alpha: Optional[float] = None
     """text-to-image: fake-score LoRA alpha"""
-    toy_mixture: str = "ring8"
+    toy_mixture: Literal["ring8", "grid25", "line3"] = "ring8"
     """toy teacher: ring8 (8 equal modes), grid25 (5x5, unequal weights), line3"""
     toy_spread: Optional[float] = None
     """toy mode standard deviation (None: the mixture's default)"""
-    toy_path: str = "flow"
+    toy_path: Literal["flow", "vp"] = "flow"
     """toy noising path: flow (SD3-like, velocity) or vp (SDXL-like, eps)"""
     toy_classes: int = 0
     """toy class labels (mode k has label k % toy_classes); 0: unconditional"""
-    toy_reward: str = "linear"
+    toy_reward: Literal["linear", "quadratic", "radius"] = "linear"
     """toy reward, optimised by GDMD: linear, quadratic, radius"""
     toy_reward_angle: float = 0.0
     """toy linear reward's direction in degrees from the x axis: r = cos(a) x_1 + sin(a) x_2"""
@@ -218,7 +218,7 @@ class Args:
     # ---- GDMD ----
     group_size: int = 4
     """n, the number of DMD targets x_hat_j = sg(x - g_j) scored per generator output"""
-    group_source: str = "levels"
+    group_source: Literal["levels", "snapshots", "both"] = "levels"
     """where the n targets differ: levels (renoise levels), snapshots (fake-score snapshots), both"""
     lambda_gdmd: Optional[float] = None
     """weight of the NFT-style reward loss (toy2d: 0.2); 0 gives group-averaged DMD"""
