@@ -121,7 +121,6 @@ import secrets
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -400,24 +399,11 @@ class FakeSnapshots:
             self.states.insert(0, [p.detach().clone() for p in world.params("fake")])
             del self.states[self.size:]
 
-    @contextmanager
     def swapped_in(self, world, i):
         """Within the block the live fake adapter holds snapshot i's values (i = 0: unchanged); restored afterwards."""
         if i == 0 or not self.states:
-            yield
-            return
-        state = self.states[(i - 1) % len(self.states)]
-        params = world.params("fake")
-        with torch.no_grad():
-            live = [p.detach().clone() for p in params]
-            for p, s in zip(params, state, strict=True):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, live, strict=True):
-                    p.copy_(s)
+            return contextlib.nullcontext()
+        return swapped_params(world.params("fake"), self.states[(i - 1) % len(self.states)])
 
 
 def group_layout(source, n):
