@@ -98,17 +98,21 @@ VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1]
 The algorithm sees only x0-predictions, world.renoise and world.reward, so it is identical on every world.
 
 Toy default (ring8, linear reward r = x_1): 750 plain-DMD cold-start updates, then 750 GDMD updates, n = 4 levels,
-lambda_gdmd = 0.2; about 65-75 s on 2 shared CPU cores. Measured (ring8 spread 0.25; tests/test_gdmd.py's protocol:
-shared 400-step DMD checkpoint, 150 updates per arm, batch 128, mean of the evaluations): GDMD - DMD-only mean reward
-+0.18 / +0.36 / +0.28 (seeds 0-2), teacher log-density +0.16 / -0.02 / +0.13; naive fusion's log-density is 0.20-0.26
-below GDMD's on every seed. DMD itself sloshes mode mass on the ring (reward swings of +-0.3 between evaluations), so
-single evaluations of one seed can show no gain (default run, seed 0: -0.04 averaged over its last three evaluations).
-The "snapshots" and "both" sources left the manifold on the toy (teacher log-density -3.3 / -7.8 against -3.0).
-These claims hold on DMD2's mixture estimator (--fake-tracks mixture, this file's default, under which they were
-measured) and NOT on the final-step fake (--fake-tracks final, same protocol and seeds): GDMD still raises the reward
-over DMD-only, but at a teacher log-density 0.08 below it (-2.69 against -2.61), and on seed 0 naive fusion beats GDMD
-on both (reward 0.30 against 0.12, log-density -2.57 against -2.70). dmd.py's 4-step toy student is best with
-per-step fakes (dmd.py's docstring); GDMD on them: PERSTEP_GDMD.
+lambda_gdmd = 0.2, per-step fakes. Measured with tests/test_gdmd.py's protocol (a shared 400-step DMD checkpoint,
+150 updates per arm, batch 128, the mean of the evaluations), seeds 0 / 1 / 2, by backbone (--fake-tracks):
+    per-step  GDMD - DMD-only reward +0.20 / +0.24 / +0.10 at teacher log-density -0.01 / -0.01 / +0.02; naive fusion
+              raises the reward MORE than GDMD (+0.02 / +0.10 / +0.16 over it) at log-density -0.04 / +0.02 / -0.04:
+              "naive fusion leaves the manifold" is NOT reproduced on this backbone.
+    mixture   (DMD2's estimator, measured before the fake tracked its step) GDMD - DMD-only reward +0.18 / +0.36 /
+              +0.28 at log-density +0.16 / -0.02 / +0.13; naive fusion's log-density 0.20-0.26 below GDMD's on every
+              seed. DMD itself sloshes mode mass on the ring there (reward swings of +-0.3 between evaluations).
+    final     GDMD still raises the reward, at a log-density 0.08 below DMD-only's (-2.69 against -2.61); on seed 0
+              naive fusion beats GDMD on both (reward 0.30 against 0.12, log-density -2.57 against -2.70).
+So the toy supports "scoring the targets raises the reward without leaving the manifold" on every backbone, and the
+advantage over scoring the raw sample only on the mixture estimator, whose own instability the raw-sample reward
+seems to amplify. The per-step backbone sits closer to the teacher (log-density -2.27 against -2.61 on final).
+The "snapshots" and "both" sources left the manifold on the toy (teacher log-density -3.3 / -7.8 against -3.0;
+measured on the mixture backbone; with per-step fakes they are refused, since the snapshots are of one fake).
 """
 
 import contextlib
@@ -191,10 +195,10 @@ class Args:
     """AdamW weight decay of the generator adapter"""
     fake_updates_per_step: int = 5
     """TTUR: fake-score updates per generator update (DMD2: 5 for SDXL)"""
-    fake_tracks: Literal["mixture", "final", "per-step"] = "mixture"
-    """what the fake score tracks (dmd.py --fake-tracks): mixture (DMD2: a random step's outputs; the gradient of the K
-    steps' mixture KL; the backbone GDMD's toy claims were measured on), final (the last step's outputs; DMD and GDMD
-    on the last step only), per-step (K fakes)"""
+    fake_tracks: Literal["mixture", "final", "per-step"] = "per-step"
+    """what the fake score tracks (dmd.py --fake-tracks): per-step (K fakes, fake k on step k's outputs: dmd.py's
+    measured best), mixture (DMD2: a random step's outputs; the gradient of the K steps' mixture KL), final (the last
+    step's outputs; DMD and GDMD on the last step only)"""
     guidance_scale: Optional[float] = None
     """classifier-free guidance of the real score (toy2d: 1.0, it needs --toy-classes; sd3-medium: 7; sd3.5: 4.5; sdxl: 8)"""
     renoise_min: float = 0.02
@@ -228,7 +232,8 @@ class Args:
     naive_fusion: bool = False
     """baseline: score the raw sample x (normalised over the batch) instead of the targets"""
     init_checkpoint: Optional[str] = None
-    """start from this checkpoint directory (generator.pt and fake.pt of a dmd.py / gdmd.py run's checkpoint/)"""
+    """start from this checkpoint directory (the generator and every fake of a dmd.py / gdmd.py run's checkpoint/, run
+    with the same --fake-tracks)"""
     # ---- run ----
     seed: int = 0
     """random seed (adapter init, noise, renoise levels)"""
@@ -737,7 +742,7 @@ def validate(args):
     if args.resume is not None and args.init_checkpoint is not None:
         raise ValueError("--resume continues a run from its own checkpoint: it takes no --init-checkpoint")
     if args.init_checkpoint is not None:
-        for role in ("generator", "fake"):
+        for role in ("generator", *fake_roles(args.fake_tracks, args.student_steps)):
             ckpt = Path(args.init_checkpoint)
             if not ((ckpt / f"{role}.pt").exists() or (ckpt / role).is_dir()):  # toy: <role>.pt; text-to-image: <role>/ LoRA
                 raise FileNotFoundError(f"--init-checkpoint {args.init_checkpoint} has no {role}.pt or {role}/")
