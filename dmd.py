@@ -45,10 +45,11 @@ weight, from a shared initialisation; its value is ours, the supplement gives no
 noise only (`--renoise-min`). Absent here: Flash-DMD's pixel-space GAN, its latent reward model, its stage-2 preference
 RL (DPO on high-noise candidates) and real data.
 
-Measured on the toy (`python dmd.py`: ring8, 1-step student, 1500 updates of 512, cosine lr; ~55 s on 2 CPU cores):
+Measured on the toy (`python dmd.py`: ring8, 1-step student, 1500 updates of 512, cosine lr; ~60 s of CPU):
 at step 0 the student maps all noise to the mixture mean (energy distance 1.44 to the teacher); after training, seeds
-0 / 1 / 2: 0.0057 / 0.0088 / 0.0056 (noise floor 0.0013), 8 of 8 modes, worst mode-mass error 0.11 / 0.16 / 0.09,
-8-9% of samples on thin arcs between modes (a 1-step map from a Gaussian cannot cut its mass cleanly).
+0 / 1 / 2: 0.0085 / 0.0062 / 0.0066 (noise floor 0.0013), 8 of 8 modes, worst mode-mass error 0.15 / 0.08 / 0.11,
+7-9% of samples on thin arcs between modes (a 1-step map from a Gaussian cannot cut its mass cleanly), and modes up to
+43-46% too wide (mode_width_max 1.44 / 1.46 / 1.43: the arcs' ends widen them).
 A 4-step student (`--student-steps 4 --batch-size 256`, 1500 updates, seeds 0 / 1 / 2; every 4-step student starts as
 the teacher's own 4-step sampler, energy distance 0.028):
     per-step  0.0024 / 0.0033 / 0.0032, steps 0-2 at 0.006-0.010, every mode's width within 0.91-1.08 of the
