@@ -1,7 +1,7 @@
 """bench.py: the side-by-side benchmark on the toy: every method and the ablations that carry the papers' claims,
 the same budget, 3 seeds, one table (mean ± std over seeds) and one figure.
 
-    python bench.py                                  # 9 configurations x 3 seeds, ~10 min on 2 idle CPU cores
+    python bench.py                                  # 11 configurations x 3 seeds, ~15-20 min on 2 idle CPU cores
     python bench.py --steps 1200 --seeds 0 1 2 3 4   # a larger budget
     python bench.py --only dmd rtdmd --seeds 0       # a subset
     python bench.py --report runs/bench__<time>      # re-render an earlier benchmark's table and figures
