@@ -2,7 +2,7 @@
 
     python rtdmd.py                                   # toy: AC-DMD cold start, then the paper's stage 2 (~1 min, 1 core)
     python rtdmd.py --stage2-recipe natural           # stage 2 as the reward-tilted KL at natural scales (see below)
-    python rtdmd.py --dm-target tilted                # beyond the paper: DM against the exact tilted teacher
+    python rtdmd.py --dm-target tilted --stage2-recipe natural   # beyond the paper: DM against the exact tilted teacher
     python rtdmd.py --beta 0.5 --toy-reward-angle 90  # another tilt
     # table 4 of the paper, one command per row (add --seed, --output-dir as needed):
     python rtdmd.py --rl-steps 0                      #   cold start (AC-DMD only)
@@ -50,6 +50,11 @@ Stage 2 recipes (--stage2-recipe)
              last step only (rl_dm final-step), fake trained 1:1 on the rollout, advantages with a per-prompt mean and a
              global std (global-std), the log-probability -mean_dims (x - mu)^2 (log_prob mse), L_det as the hinge
              det_weight relu(det_margin - r). Its temperature is not beta: the normalisations rescale each term.
+             Toy scales (D = 2 dims, not 65,536; measured, README): the kl scale (the DMD2 normalisation by a mean over
+             2 dims has infinite variance), the ambient fake weighting, DM 1 / L_det 0.1 (the authors' ratio; at their
+             0.001 / 1e-4 the toy reward-hacks) at lr 2e-5. The DM term on the last step cannot move mass between
+             modes, so nothing holds the mode weights against the policy gradient: no fixed point, the tilt grows
+             with lr x updates (early stopping is the regulariser, as the authors' 1000 updates at lr 3e-6 are).
     natural  the reward-tilted KL at natural scales, where beta is a temperature: un-normalised eq. 9 (dm_scale kl),
              DM on the final samples differentiated through all K steps (rl_dm all-steps: the pathwise gradient of the
              output's KL), leave-one-out advantages (center: unbiased), the exact Gaussian log-probability, L_det
@@ -57,7 +62,9 @@ Stage 2 recipes (--stage2-recipe)
              minimiser is not p~ = p exp(beta r) / Z: see fixed_point_on_grid (tests/test_rtdmd_claims.py).
     --dm-target tilted (toy only, beyond the paper): the DM term's real score is the exact tilted teacher's noisy
              marginal (p~ is again a Gaussian mixture), and the reward terms are off (the tilt is in the target;
-             adding -beta E[r] would tilt twice). Stage 2 then descends E_t KL(q_t || p~_t), minimised by p~ itself.
+             adding -beta E[r] would tilt twice). Stage 2 then descends E_t KL(q_t || p~_t), minimised by p~ itself;
+             use it with a DM path through every step (--stage2-recipe natural: all-steps), since the last step alone
+             cannot re-weight the modes.
              On images this needs the score of p~_t = p_t(x) E_p[exp(beta r(x0)) | x_t = x] / Z, i.e. the gradient of
              the soft value log E_p[exp(beta r(x0)) | x_t]: a learned value function (or teacher rollouts from x_t).
 
@@ -69,9 +76,11 @@ Corrections of the paper's text and deviations from the authors' code (each a na
       kernel (it re-noises almost fully: measured in tests); the DDPM posterior step is (exactly so for affine
       denoisers), so it is our default (--consistency-kernel ddpm); --consistency-kernel cps is the authors'.
     * PPO's clip: with one inner epoch per rollout (the authors' num_inner_epochs 1) the ratio is 1 and the clip does
-      nothing; the authors keep Flow-GRPO's clipped objective, whose old log-probabilities come from the sampling pass,
-      so in their bf16 runs the ratio differs from 1 only by numerics (a 1e-5 clip then drops some samples' gradients;
-      not measured here). --ppo-epochs > 1 reuses each rollout, and then the clip bites (tested).
+      nothing. The authors keep Flow-GRPO's clipped objective because their trainer is Flow-GRPO's, where
+      num_inner_epochs may exceed 1; its old log-probabilities come from the sampling pass, so in their bf16 runs the
+      ratio differs from 1 only by numerics (a 1e-5 clip may then drop some samples' gradients; not measured here).
+      Ours takes the old log-probabilities from the rollout too; --ppo-epochs > 1 reuses each rollout, and then the
+      clip bites (tested).
     * L_stoc's factor: eq. 17's (K-1)/M; the authors' gradient accumulation divides every term by M + 1 instead.
     * SubGRPO's subset: drawn per group (Algorithm 1, line 8) with random shared noise; the authors' code draws one
       subset per update and seeds the shared noise from the prompt (same estimator mean).
