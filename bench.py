@@ -23,13 +23,19 @@ own beta). Configurations:
                           per-step, the toy default)
     dmd-mixture           dmd.py --fake-tracks mixture: DMD2's own estimator (one fake on a random step's outputs)
     dmdr                  dmdr.py: RT-DM + DynaDG + DynaRS cold start, then joint DMD + ReFL
-    rtdmd                 rtdmd.py: AC-DMD cold start, then reward-tilted KL with SubGRPO (M = 2) + L_det
+    rtdmd                 rtdmd.py (its default, the paper's stage 2 at the toy scales): AC-DMD cold start, then SubGRPO
+                          (M = 2) + the L_det hinge + AC-DMD on the last step, global-std advantages
+    rtdmd-natural         rtdmd.py --stage2-recipe natural: the reward-tilted KL at natural scales (beta a temperature;
+                          DM through all K steps, leave-one-out advantages, exact log-probabilities)
+    rtdmd-tilted          rtdmd.py --dm-target tilted --stage2-recipe natural (beyond the paper): DM against the exact
+                          tilted teacher's noisy marginals, no reward term
     gdmd                  gdmd.py: plain-DMD cold start, then GDMD (rewards of the DMD targets)
     rl-only               dmdr.py --stage1-steps 0 --no-dmd: ReFL alone on the teacher-initialised student, no distillation
     dmd-then-rl           dmdr.py plain DMD stage 1 (--no-rt-dm --no-dyna-dg --no-dyna-rs --lora-scale-f 1), then ReFL
                           alone (--no-dmd): distil first, fine-tune with RL after (sequential, not joint)
     dmdr-no-dyna          dmdr.py --no-dyna-dg --no-dyna-rs: DMDR without its cold-start schedules
-    rtdmd-naive-grpo      rtdmd.py --naive-grpo: independent noise and every step in the estimator (no SubGRPO)
+    rtdmd-naive-grpo      rtdmd.py --naive-grpo (the paper's stage 2): independent noise and every step in the
+                          estimator (no SubGRPO)
     gdmd-raw-samples      gdmd.py --naive-fusion: the reward of the raw sample instead of the DMD targets (our
                           baseline, not the paper's DMD + NFT on SDE rollouts)
     gdmd-no-cold-start    gdmd.py --cold-start-steps 0: GDMD from the teacher-initialised student, the noisy early
@@ -54,8 +60,8 @@ from tqdm import tqdm
 STUDENT_STEPS = 4  # pinned here, not taken from the method files' defaults, so that every row is the same student
 BATCH_SIZE = 256  # samples per generator update (rtdmd's stage 2 uses groups x group_size = 16 x 16 = 256 as well)
 BenchConfig = Literal["dmd", "dmd-mixture", "dmdr", "rtdmd", "gdmd", "rl-only", "dmd-then-rl", "dmdr-no-dyna",
-                      "rtdmd-naive-grpo", "gdmd-raw-samples", "gdmd-no-cold-start"]  # the configurations (see the top of this file); --help lists them
-BENCH_CONFIGS = get_args(BenchConfig)
+                      "rtdmd-naive-grpo", "rtdmd-natural", "rtdmd-tilted", "gdmd-raw-samples", "gdmd-no-cold-start"]
+BENCH_CONFIGS = get_args(BenchConfig)  # the configurations (see the top of this file); --help lists them
 
 
 @dataclass
@@ -105,6 +111,11 @@ def method_args(config, steps, seed, beta, out_dir):
         return "rtdmd", dict(cold_steps=half, rl_steps=steps - half, beta=beta, **run)
     if config == "rtdmd-naive-grpo":
         return "rtdmd", dict(cold_steps=half, rl_steps=steps - half, beta=beta, naive_grpo=True, **run)
+    if config == "rtdmd-natural":
+        return "rtdmd", dict(cold_steps=half, rl_steps=steps - half, beta=beta, stage2_recipe="natural", **run)
+    if config == "rtdmd-tilted":
+        return "rtdmd", dict(cold_steps=half, rl_steps=steps - half, beta=beta, stage2_recipe="natural",
+                             dm_target="tilted", **run)
     if config == "gdmd":
         return "gdmd", dict(num_steps=steps, cold_start_steps=half, **run)
     if config == "gdmd-raw-samples":

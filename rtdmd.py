@@ -1,70 +1,98 @@
 """RTDMD: Reward-Tilted Distribution Matching Distillation of a flow teacher into a K-step student (Huang et al. 2026).
 
-    python rtdmd.py                                   # toy world: stage 1 (AC-DMD) then stage 2 (RL), ~80 s on 2 CPU cores
+    python rtdmd.py                                   # toy: AC-DMD cold start, then the paper's stage 2 (~1 min, 1 core)
+    python rtdmd.py --stage2-recipe natural           # stage 2 as the reward-tilted KL at natural scales (see below)
+    python rtdmd.py --dm-target tilted --stage2-recipe natural   # beyond the paper: DM against the exact tilted teacher
     python rtdmd.py --beta 0.5 --toy-reward-angle 90  # another tilt
-    # table 4 of the paper, one command per row (add --seed, --output-dir as needed). On the toy the rows without L_det
-    # diverge at the default stage 2 lr 3e-4 (the policy-gradient noise alone drives the adapter off the manifold):
-    # add --lr-generator-rl 3e-5 to EVERY row for a like-for-like table (the paper uses 3e-6 on SD).
+    # table 4 of the paper, one command per row (add --seed, --output-dir as needed):
     python rtdmd.py --rl-steps 0                      #   cold start (AC-DMD only)
-    python rtdmd.py --naive-grpo --no-use-det         #   w/ GRPO (all K-1 steps, independent noise)
-    python rtdmd.py --subset-size 1 --no-use-det      #   w/ SubGRPO (M = 1)
+    python rtdmd.py --naive-grpo --no-reward-backprop #   w/ GRPO (all K-1 steps, independent noise)
+    python rtdmd.py --subset-size 1 --no-reward-backprop   # w/ SubGRPO (M = 1)
     python rtdmd.py --subset-size 1                   #     + L_det
-    python rtdmd.py --no-use-det                      #   w/ SubGRPO (M = 2)
+    python rtdmd.py --no-reward-backprop              #   w/ SubGRPO (M = 2)
     python rtdmd.py                                   #     + L_det (the default)
     python rtdmd.py --rl-steps 0 --gamma 0            # table 3: A-DMD (no consistency regulariser)
-    python rtdmd.py --dm-scale dmd2 --advantage std --rl-dm-full-chain False   # paper scales
-    python rtdmd.py --model sd3.5-medium              # text-to-image, flow presets only (GPU); the paper's scales
+    python rtdmd.py --model sd3.5-medium              # text-to-image, the authors' recipe (GPU; flow presets only)
+    torchrun --nproc_per_node 8 rtdmd.py --model sd3.5-medium --batch-size 9 --groups 6   # per-GPU sizes
     python rtdmd.py --help                            # every option, with its default
 
-A run writes runs/rtdmd__<model>__<seed>__<time>/: config.json, metrics.jsonl, checkpoint/ (generator and fake
-adapters), samples_cold_start.png (after stage 1), samples.png (final, over the exact tilted teacher, dashed), curves.png.
+A run writes runs/rtdmd__<model>__<seed>__<time>/: config.json, metrics.jsonl, checkpoint/ (generator = the EMA
+weights that are evaluated, raw/ = the trained weights, fake), samples_cold_start.png, samples.png, curves.png.
 
-The algorithm
-    Student: K CPS steps (eq. 19-21) on the levels 1 = t_0 > t_1 > ... > t_{K-1} > t_K = 0. Step k predicts
-        x0 = G(x_{t_{k-1}}),  eps_hat = (x - (1 - t_{k-1}) x0) / t_{k-1},
-        x_{t_k} = (1 - t_k) x0 + t_k cos(eta pi/2) eps_hat + t_k sin(eta pi/2) z           (eta 0: Euler, 1: consistency)
-      a Gaussian policy N(mu_k, (t_k sin(eta pi/2))^2 I) for k < K (eq. 13), deterministic at k = K (t_K = 0).
-    Stage 1, AC-DMD (sec. 3.1): pick a step k, roll out to x_{t_k} (gradient through step k only), renoise it to a level
-      t in [t_k, 1] and take the DMD step of eq. 9 there (teacher vs fake score); the fake score is trained by denoising
-      score matching on the same subinterval (eq. 10) plus gamma times the consistency regulariser (eq. 11-12, appendix F).
-    Stage 2 (sec. 3.2, eq. 18): AC-DMD plus beta times the hybrid policy gradient of E[r] (eq. 14):
-      SubGRPO on the stochastic steps (eq. 16-17: per group a random subset S of M steps gets independent noise, the
-      other steps share the group's noise; group advantages; clipped ratio) + reward back-propagation through the
-      deterministic last step (L_det, eq. 15). --naive-grpo: every step independent and used (appendix H).
+The algorithm (Algorithm 1, appendix I; equation numbers of the paper)
+    Student: K CPS steps (eq. 19-21) on the noise levels 1 = sigma_0 > sigma_1 > ... > sigma_{K-1} > sigma_K = 0.
+    Step k predicts x0 = G(x_{k-1}, sigma_{k-1}), eps_hat = (x_{k-1} - (1 - sigma_{k-1}) x0) / sigma_{k-1}, and
+        x_k = (1 - sigma_k) x0 + sigma_k cos(eta pi/2) eps_hat + sigma_k sin(eta pi/2) z          (eta 0: Euler, 1: CM)
+    a Gaussian policy N(mu_k, (sigma_k sin(eta pi/2))^2 I) for k < K (eq. 13), deterministic at k = K.
+    Stage 1, AC-DMD (sec. 3.1), per generator update (TTUR: fake_updates_per_step fake updates first):
+      1. roll the student out to a random stop index k in 1..K, gradient through step k only: x_s at level sigma_s;
+      2. renoise to sigma_t in [sigma_s, 1]: x_t = a x_s + sqrt(sigma_t^2 - a^2 sigma_s^2) eps, a = alpha_t / alpha_s
+         (eq. 8, variance-correct: see below);
+      3. fake score: ambient denoising score matching on [sigma_s, 1] (eq. 10) + gamma * the consistency regulariser
+         (eq. 11-12, the two-sample estimator of appendix F);
+      4. generator: the DM step of eq. 9, alpha_k(t) (s_fake - s_real)(x_t) back-propagated into x_s.
+    Stage 2 (sec. 3.2, eq. 18), per update: descend  dm_weight * AC-DMD  -  beta * (L_stoc + L_det):
+      5. roll out G groups of N trajectories with SubGRPO's noise (eq. 16: a random subset S of M of the K-1 stochastic
+         steps gets independent noise, the others share the group's draw); rewards r_i of the clean samples;
+      6. the fake score takes its update(s) on the rollout's clean samples;
+      7. group advantages A_i (clipped at +-advantage_clip);
+      8. L_stoc (eq. 17): (K-1)/M mean_i sum_{k in S} A_i grad log pi_k (PPO's clipped ratio); L_det (eq. 15): the
+         reward back-propagated through the deterministic last step, x_{K-1} held fixed; AC-DMD on that same last step.
+    --naive-grpo: independent noise at every step and all K-1 steps in L_stoc (appendix H).
+    Every large batch is split into --micro-batch-size chunks whose gradients accumulate into one optimiser step
+    (all random draws are made for the whole batch first, so the chunked update equals the unchunked one).
+    The generator EMA (the authors'): stage 1 every fake-score update at decay ema_decay; stage 2 the ramp
+    min((1 + u) / (10 + u), ema_decay_rl) applied ema_repeats_rl times after each update u with (u + 1) % 8 == 0.
+    Evaluation, samples and the checkpoint's generator use the EMA weights; stage 2 starts from them.
 
-Which target does stage 2 converge to (the temperature of the tilt)
-    Eq. 7: grad KL(p_theta || p~) = grad KL(p_theta || p) - beta grad E[r], so descending the sum reaches
-    p~ = p exp(beta r) / Z with the SAME beta only if both terms carry their natural scale and the KL is the KL of the
-    output distribution p_theta. Three common choices break that silently, each an unknown change of temperature:
-      * DMD2 divides each sample's score difference by mean|x - x0_real| and dmd_loss averages over the data dimension;
-      * GRPO divides advantages by the group's reward std: E[A grad log pi] = grad E[r] / std;
-      * AC-DMD matches the intermediate states' marginals to the UNTILTED teacher's (the tilted target's are different).
-    The toy defaults therefore use, in stage 2: --dm-scale kl (eq. 9 un-normalised, lambda = 1: per sample
-    alpha_k(t) (s_fake - s_real), summed over dimensions), --advantage center (r_i - mean of the others: unbiased, also
-    under SubGRPO's shared noise; tests check the hybrid estimator's mean against the pathwise gradient) and
-    --rl-dm-full-chain (the DM term on the final samples, differentiated through all K steps: the pathwise gradient of
-    the output's KL). Stage 2 then descends  E_t KL(p_theta,t || p_t) - beta E[r],  t ~ U[renoise_min, rl_renoise_max].
-    Its minimiser is p~ with beta itself in the limit t -> 0 only: at a level t the ambient KL pushes back on a tilt
-    by the factor alpha_t J_t (J_t = d E[x0 | x_t] / d x_t; to first order in beta, at p_theta = p~ the DM gradient
-    is alpha_t J_t beta grad r against the reward's beta grad r; inside a Gaussian mode of std s the factor is
-    alpha_t^2 s^2 / (alpha_t^2 s^2 + t^2) < 1), and mode weights are only seen while modes are separated.
-    The fixed point is thus MORE tilted than p~ (an effective beta_eff > beta); a lower rl_renoise_max shrinks the gap
-    at the price of a harder fake score (measured on the toy: see the README section / tests/test_rtdmd.py).
-    The paper's normalised setting (--dm-scale dmd2 --advantage std --rl-dm-full-chain False) is available (meant for
-    the t2i presets); its beta is a knob, not a temperature (on the toy, beta = 1 with it diverges: the reward term
-    dominates the normalised DM term).
+Stage 2 recipes (--stage2-recipe)
+    paper    Algorithm 1 as the authors run it (notes/recipes.md section 4): DMD2-normalised DM (dm_scale dmd2) on the
+             last step only (rl_dm final-step), fake trained 1:1 on the rollout, advantages with a per-prompt mean and a
+             global std (global-std), the log-probability -mean_dims (x - mu)^2 (log_prob mse), L_det as the hinge
+             det_weight relu(det_margin - r). Its temperature is not beta: the normalisations rescale each term.
+             Toy scales (D = 2 dims, not 65,536; measured, README): the kl scale (the DMD2 normalisation by a mean over
+             2 dims has infinite variance), the ambient fake weighting, DM 1 / L_det 0.1 (the authors' ratio; at their
+             0.001 / 1e-4 the toy reward-hacks) at lr 2e-5. The DM term on the last step cannot move mass between
+             modes, so nothing holds the mode weights against the policy gradient: no fixed point, the tilt grows
+             with lr x updates (early stopping is the regulariser, as the authors' 1000 updates at lr 3e-6 are).
+    natural  the reward-tilted KL at natural scales, where beta is a temperature: un-normalised eq. 9 (dm_scale kl),
+             DM on the final samples differentiated through all K steps (rl_dm all-steps: the pathwise gradient of the
+             output's KL), leave-one-out advantages (center: unbiased), the exact Gaussian log-probability, L_det
+             weight 1, renoise levels up to rl_renoise_max = 0.5. It descends E_t KL(q_t || p_t) - beta E_q[r], whose
+             minimiser is not p~ = p exp(beta r) / Z: see fixed_point_on_grid (tests/test_rtdmd_claims.py).
+    --dm-target tilted (toy only, beyond the paper): the DM term's real score is the exact tilted teacher's noisy
+             marginal (p~ is again a Gaussian mixture), and the reward terms are off (the tilt is in the target;
+             adding -beta E[r] would tilt twice). Stage 2 then descends E_t KL(q_t || p~_t), minimised by p~ itself;
+             use it with a DM path through every step (--stage2-recipe natural: all-steps), since the last step alone
+             cannot re-weight the modes.
+             On images this needs the score of p~_t = p_t(x) E_p[exp(beta r(x0)) | x_t = x] / Z, i.e. the gradient of
+             the soft value log E_p[exp(beta r(x0)) | x_t]: a learned value function (or teacher rollouts from x_t).
 
-Corrections of the paper's text (the official code agrees with ours)
-    * Eq. 8 / appendix B renoise x_{t_k} to t with std (t - t_k) / (1 - t_k): that adds noise *standard deviations*;
-      independent Gaussian noise adds variances. We use  x_t = a x_{t_k} + sqrt(t^2 - a^2 t_k^2) eps,  a = (1-t)/(1-t_k),
-      which gives x_t exactly the path's noise level t (tests/test_rtdmd.py checks both against the exact marginal).
-    * The consistency regulariser needs a reverse kernel for which the optimal denoiser is self-consistent: we use the
-      DDPM posterior step (CPS with sin(eta pi/2) = sqrt(1 - (alpha' sigma'' / (alpha'' sigma'))^2)) from the renoised level
-      t' = t to a nearby t'' = t - consistency_gap (the official code uses a nearby level, not t_{k+1}).
+Corrections of the paper's text and deviations from the authors' code (each a named option)
+    * Eq. 8 / appendix B renoise x_{t_k} to t with std (t - t_k) / (1 - t_k): that adds standard deviations; Gaussian
+      noises add variances. We use x_t = a x_s + sqrt(t^2 - a^2 s^2) eps, as the authors' code does.
+    * Consistency kernel: the authors step from sigma_t to sigma_t' = max(sigma_t - Delta, 0), Delta ~ U{1..200} / 1000,
+      by CPS at eta 0.9 with the fake's detached prediction. The optimal denoiser is NOT self-consistent under that
+      kernel (it re-noises almost fully: measured in tests); the DDPM posterior step is (exactly so for affine
+      denoisers), so it is our default (--consistency-kernel ddpm); --consistency-kernel cps is the authors'.
+    * PPO's clip: with one inner epoch per rollout (the authors' num_inner_epochs 1) the ratio is 1 and the clip does
+      nothing. The authors keep Flow-GRPO's clipped objective because their trainer is Flow-GRPO's, where
+      num_inner_epochs may exceed 1; its old log-probabilities come from the sampling pass, so in their bf16 runs the
+      ratio differs from 1 only by numerics (a 1e-5 clip may then drop some samples' gradients; not measured here).
+      Ours takes the old log-probabilities from the rollout too; --ppo-epochs > 1 reuses each rollout, and then the
+      clip bites (tested).
+    * L_stoc's factor: eq. 17's (K-1)/M; the authors' gradient accumulation divides every term by M + 1 instead.
+    * SubGRPO's subset: drawn per group (Algorithm 1, line 8) with random shared noise; the authors' code draws one
+      subset per update and seeds the shared noise from the prompt (same estimator mean).
+    * Stage 2's start: the authors merge the cold-start EMA LoRA into the base and train a fresh LoRA (A ~ N(0, 1),
+      B = 0); we continue the same LoRA from the EMA weights (the same function at the switch, not the same dynamics).
+    * Zero-advantage rows: the authors drop them from the batch; we keep them (zero gradient; means over all rows).
 
-Conventions: sigma in [0, 1], sigma = 1 is pure noise; flow worlds only (toy flow, SD3): x = (1 - sigma) x0 + sigma eps,
-velocity eps - x0, x0 = x - sigma v. Pre-shift time t maps to sigma = world.sigma(t). The algorithm sees only
-x0-predictions, world.renoise / world.alpha and world.reward, so it is identical on every flow world.
+Conventions: noise levels sigma in [0, 1], sigma = 1 pure noise; flow worlds only (toy flow, SD3):
+x = (1 - sigma) x0 + sigma eps, velocity eps - x0, x0 = x - sigma v. The student's levels are pre-shift times
+1, 1 - 1/K, ... mapped through the world's shift (student_sigmas); every other level in this file (renoise, consistency)
+is a noise level sigma drawn directly, unshifted, as in the authors' code. The algorithm sees only x0-predictions,
+world.alpha and world.reward, so it is identical on every flow world.
 """
 
 import contextlib
@@ -82,14 +110,16 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-MODELS = ('toy2d', 'sd3-medium', 'sd3.5-medium', 'sd3.5-large')  # toy2d/, and the presets of t2i/
+MODELS = ("toy2d", "sd3-medium", "sd3.5-medium", "sd3.5-large")  # toy2d/, and the flow presets of t2i/
+STAGE2_RECIPES = ("paper", "natural")
+PICKSCORE_SCALE = 1 / 26  # the authors divide PickScore (logit_scale * cos ~ 22) by 26 (rewards/pickscore_scorer.py)
 
 
 @dataclass
 class Args:
     # ---- world ----
     model: str = "toy2d"
-    """world to distil: toy2d (2-D Gaussian mixture, CPU), or text-to-image sd3-medium, sd3.5-medium, sd3.5-large, sdxl"""
+    """world to distil: toy2d (2-D Gaussian mixture, CPU), or text-to-image sd3-medium, sd3.5-medium, sd3.5-large"""
     model_path: Optional[str] = None
     """local copy of the model weights (text-to-image worlds; default: the preset's hub repository)"""
     prompts: Optional[str] = None
@@ -97,9 +127,10 @@ class Args:
     eval_prompts: Optional[str] = None
     """text-to-image: held-out evaluation prompts (default: t2i/prompts/eval.txt)"""
     resolution: Optional[int] = None
-    """text-to-image: image size in pixels (default: the preset's, sd3 512, sdxl 1024)"""
+    """text-to-image: image size in pixels (RTDMD: SD3-M 1024, SD3.5-M 512)"""
     t2i_reward: Optional[str] = None
-    """text-to-image reward, name[:weight[:cap]],...: clip, pickscore, aesthetic, hpsv2, imagereward (rtdmd: the tilt's reward)"""
+    """text-to-image reward, name[:weight[:cap]],...: clip, pickscore, aesthetic, hpsv2, imagereward (the tilt's reward;
+    each term gets its own advantage normalisation under --advantage global-std)"""
     reward_checkpoints: Optional[str] = None
     """text-to-image: local reward weights, name=PATH,... (e.g. clip=/models/clip-vit-large-patch14)"""
     lora_rank: Optional[int] = None
@@ -126,67 +157,107 @@ class Args:
     student_steps: int = 4
     """K, the number of student sampling steps (pre-shift levels 1, 1 - 1/K, ..., 1/K, then 0)"""
     eta: float = 0.9
-    """CPS stochasticity in [0, 1]: 0 Euler ODE, 1 consistency sampler (paper: 0.9)"""
-    # ---- stage 1: AC-DMD ----
+    """CPS stochasticity in [0, 1]: 0 Euler ODE, 1 consistency sampler (paper: 0.9; stage 2 needs eta > 0)"""
+    micro_batch_size: Optional[int] = None
+    """rows per forward / backward chunk of every update (gradients accumulate into one optimiser step; the update is
+    the same for any value); 0: no chunking (toy2d: 0; SD3-M: 2, SD3.5-M: 4)"""
+    # ---- stage 1: AC-DMD cold start ----
     cold_steps: Optional[int] = None
     """stage 1 generator updates (toy2d: 400; paper: 1500)"""
     batch_size: Optional[int] = None
-    """samples per AC-DMD generator / fake update (toy2d: 256)"""
+    """samples per stage 1 generator / fake update, per process (toy2d: 256; SD3: 72, the authors' 9 x 8 GPUs)"""
     lr_generator: Optional[float] = None
-    """stage 1 generator learning rate (toy2d: 1e-3; paper SD: 3e-5)"""
+    """stage 1 generator learning rate (toy2d: 1e-3; authors: 3e-5)"""
     lr_fake: Optional[float] = None
-    """fake-score learning rate, both stages (toy2d: 1e-3)"""
+    """fake-score learning rate, both stages (toy2d: 1e-3; authors: 3e-5)"""
     weight_decay_generator: float = 0.0
-    """AdamW weight decay of the generator adapter"""
-    fake_updates_per_step: int = 5
-    """TTUR: fake-score updates per generator update (official code: 10)"""
+    """stage 1 AdamW weight decay of the generator adapter (authors: 0)"""
+    fake_updates_per_step: Optional[int] = None
+    """stage 1 TTUR: fake-score updates per generator update (toy2d: 5; authors: 10)"""
     guidance_scale: Optional[float] = None
-    """classifier-free guidance of the real score (toy2d: 1.0; SD3.5-M: 4.5)"""
+    """classifier-free guidance of the real score (toy2d: 1.0; authors: SD3-M 7.0, SD3.5-M 4.5)"""
+    renoise_offset: float = 0.01
+    """renoise levels sigma_t ~ U[sigma_s + renoise_offset, top] (authors: 10 of 1000 timesteps)"""
     renoise_min: float = 0.02
-    """lowest pre-shift renoise time for the last step (k = K); steps k < K renoise in [t_k, renoise_max]"""
+    """renoise levels are clamped to [renoise_min, renoise_max] (authors: 20 / 1000)"""
     renoise_max: float = 0.98
-    """highest pre-shift renoise time"""
+    """see renoise_min (authors: 980 / 1000)"""
+    fake_weighting: Optional[str] = None
+    """weight of the fake's velocity error |v - v*|^2 in eq. 10: clamped, min(1, 10 sigma_ts^2) (the authors'
+    clamp(1 / sigma_ts^2, 0, 10) on |sigma_ts (v - v*)|^2), or ambient, (sigma_ts / sigma_t)^2 (= the plain flow loss
+    at sigma_s = 0); sigma_ts^2 = sigma_t^2 - a^2 sigma_s^2 is the renoise variance (toy2d: ambient; SD3: clamped)"""
     gamma: float = 0.01
     """weight of the consistency regulariser in the fake-score loss (eq. 12; paper 0.01; 0: A-DMD)"""
-    consistency_gap: float = 0.05
-    """t' - t'' of the consistency regulariser's one reverse step (pre-shift time)"""
+    consistency_max_gap: float = 0.2
+    """the consistency step goes from sigma_t to max(sigma_t - Delta, 0), Delta ~ U{1, ..., 1000 max_gap} / 1000
+    (noise levels; authors: 200 timesteps)"""
+    consistency_kernel: str = "ddpm"
+    """reverse kernel of the consistency step: ddpm (the DDPM posterior step, under which the optimal denoiser is
+    self-consistent) or cps (the authors': CPS at --eta)"""
     dm_scale: Optional[str] = None
-    """distribution-matching scale: kl (un-normalised eq. 9, the tilt's temperature is beta) or dmd2 (normalised,
-    as the official code) (toy2d: kl)"""
+    """distribution-matching scale: kl (un-normalised eq. 9, per sample alpha_k (s_fake - s_real)) or dmd2 (the authors':
+    normalised by mean|x_s - x0_real|, teacher and fake stepped back to sigma_s by CPS) (paper recipe: dmd2)"""
+    ema_decay: Optional[float] = None
+    """stage 1 generator EMA decay, one update per fake-score update (authors: 0.99 every global step); 0: no EMA"""
     # ---- stage 2: reward-tilted KL ----
+    stage2_recipe: str = "paper"
+    """paper (Algorithm 1 at the authors' scales) or natural (the reward-tilted KL at natural scales); sets the stage 2
+    defaults below that are None (see the docstring)"""
     rl_steps: Optional[int] = None
     """stage 2 generator updates (toy2d: 800; paper: 1000)"""
     lr_generator_rl: Optional[float] = None
-    """stage 2 generator learning rate (toy2d: 3e-4; paper: 3e-6)"""
+    """stage 2 generator learning rate (authors: 3e-6)"""
+    weight_decay_generator_rl: Optional[float] = None
+    """stage 2 AdamW weight decay of the generator adapter (authors: 1e-4)"""
     beta: float = 1.0
     """reward strength of the tilt p exp(beta r) / Z (eq. 6; paper: 1.0)"""
     groups: Optional[int] = None
-    """groups (prompts) per stage 2 update (toy2d: 16; paper SD3: 48)"""
+    """groups (prompts) per stage 2 update, per process (toy2d: 16; authors: SD3-M 32, SD3.5-M 48)"""
     group_size: Optional[int] = None
-    """trajectories per group N (toy2d: 16; paper: 24)"""
-    subset_size: int = 2
-    """SubGRPO: M stochastic steps per group with independent noise, 1 <= M <= K - 1 (paper: 2)"""
+    """trajectories per group N (toy2d: 16; authors: SD3-M 16, SD3.5-M 24)"""
+    subset_size: Optional[int] = None
+    """SubGRPO: M stochastic steps per group with independent noise, 1 <= M <= K - 1 (default min(2, K - 1); paper: 2)"""
     naive_grpo: bool = False
     """naive GRPO: independent noise at every step, all K - 1 steps in the estimator (appendix H)"""
-    use_det: bool = True
-    """add L_det, reward back-propagation through the deterministic last step (eq. 15)"""
+    reward_backprop: bool = True
+    """L_det (eq. 15): back-propagate the reward through the deterministic last step"""
+    det_weight: Optional[float] = None
+    """L_det = det_weight relu(det_margin - r) (authors: 1e-4, margin 3 on the summed rewards)"""
+    det_margin: Optional[float] = None
+    """see det_weight; inf: no hinge, L_det = det_weight r (the natural recipe)"""
     advantage: Optional[str] = None
-    """group advantage: center ((r - mean) N/(N-1), unbiased) or std ((r - mean)/std, GRPO) (toy2d: center)"""
+    """group advantage: global-std (the authors': per reward term (r - group mean) / (std over the batch + 1e-4),
+    weighted sum, standardised again), group-std ((r - mean) / group std, the paper's text) or center (leave-one-out
+    r_i - mean of the others: unbiased, the natural recipe)"""
     advantage_clip: float = 5.0
-    """clip advantages to +-this (official code: 5; 0: off)"""
+    """clip advantages to +-this (authors: 5; 0: off)"""
+    log_prob: Optional[str] = None
+    """log-probability of a transition in L_stoc: mse (the authors' -mean_dims (x - mu)^2, no 1 / (2 std^2): it scales
+    the policy gradient by 2 std^2 / D) or exact (log N(x; mu, std^2 I) over the dims, eq. 13)"""
     clip_range: float = 1e-5
-    """PPO ratio clip epsilon (paper: 1e-5)"""
-    dm_weight_rl: float = 1.0
-    """weight of the AC-DMD term in stage 2 (eq. 18: 1)"""
+    """PPO ratio clip epsilon (paper: 1e-5); inactive with --ppo-epochs 1 (the ratio is 1)"""
+    ppo_epochs: int = 1
+    """optimiser steps per rollout, each on the whole rollout (authors: 1)"""
+    rl_dm: Optional[str] = None
+    """stage 2 DM term: final-step (AC-DMD on the rollout's deterministic last step, gradient through that step only,
+    fake trained on the rollout's samples: the authors'), all-steps (fresh final samples differentiated through all K
+    steps: the output's KL gradient) or random-stop (stage 1's AC-DMD)"""
+    dm_weight_rl: Optional[float] = None
+    """weight of the DM term in stage 2 (eq. 18: 1; authors: 0.001)"""
+    dm_target: str = "teacher"
+    """real score of the DM term: teacher, or tilted (toy: the exact p~'s noisy marginals; stage 2 is then DM only)"""
     rl_renoise_max: Optional[float] = None
-    """stage 2 (with rl_dm_full_chain): highest pre-shift renoise time of the output's ambient KL. The KL of eq. 7 is
-    the t -> 0 limit; high levels push back less (see the docstring), so a lower maximum tilts closer to beta
-    (toy2d: 0.5; with 0.98, as stage 1, the toy student runs on to beta_eff ~ 2 instead of settling at ~1.2)"""
-    rl_dm_full_chain: Optional[bool] = None
-    """stage 2: distribution matching on the final samples only, differentiated through all K steps, i.e. the gradient
-    of the output distribution's KL that eq. 7 asks for; False: AC-DMD at a random step as in stage 1 (toy2d: True)"""
+    """stage 2 (final-step, all-steps): top of the renoise interval (authors: 1, then clamped to renoise_max)"""
+    fake_updates_per_rl_step: Optional[int] = None
+    """stage 2 fake-score updates per generator update (authors: 1)"""
+    ema_decay_rl: Optional[float] = None
+    """stage 2 EMA: the top of the ramp min((1 + u) / (10 + u), ema_decay_rl) (authors: 0.9); 0: no EMA"""
+    ema_every_rl: int = 8
+    """stage 2 EMA fires after update u when (u + 1) % ema_every_rl == 0 (authors: 8)"""
+    ema_repeats_rl: int = 16
+    """stage 2 EMA updates per firing, all toward the same weights (the authors call it once per sub-batch: 16)"""
     grad_clip: float = 1.0
-    """gradient-norm clipping of both adapters (0: off)"""
+    """gradient-norm clipping of both adapters (0: off; authors: 1.0)"""
     # ---- run ----
     seed: int = 0
     """random seed (adapter init, noise, levels)"""
@@ -206,22 +277,45 @@ class Args:
     """show a tqdm progress bar"""
 
 
+# Every None field gets its value here: the model's, then the stage 2 recipe's (per world kind).
 MODEL_DEFAULTS = {
-    "toy2d": dict(eval_samples=4000, 
-        cold_steps=400, batch_size=256, lr_generator=1e-3, lr_fake=1e-3, guidance_scale=1.0, dm_scale="kl",
-        rl_steps=800, lr_generator_rl=3e-4, groups=16, group_size=16, advantage="center", rl_dm_full_chain=True,
-        rl_renoise_max=0.5,
-    ),
-    # text-to-image (flow presets only), RTDMD's recipe (notes/reference-implementations.md): AC-DMD cold start 1500 steps
-    # at lr 3e-5, RL 1000 steps at 3e-6, group size 16 (SD3-M), the paper's normalised scales (dm_scale dmd2, std
-    # advantages clipped to 5, AC-DMD at a random step), real CFG 7 (SD3-M) / 4.5 (SD3.5), LoRA r32 alpha64 on both roles.
-    # Not reproduced: per-reward advantage normalisation (ours: one weighted reward, PickScore + CLIP score), fake_updates
-    # 10 (pass --fake-updates-per-step 10). Ours: batch 8, 4 groups per update, rl_renoise_max = renoise_max.
-    **{name: dict(cold_steps=1500, batch_size=8, lr_generator=3e-5, lr_fake=3e-5,
-                  guidance_scale=7.0 if name == "sd3-medium" else 4.5, dm_scale="dmd2", rl_steps=1000, lr_generator_rl=3e-6,
-                  groups=4, group_size=16, advantage="std", rl_dm_full_chain=False, rl_renoise_max=0.98, eval_samples=16,
-                  t2i_reward="pickscore,clip", lora_rank=32, lora_alpha=64, fake_lora_rank=32, fake_lora_alpha=64)
-       for name in ("sd3-medium", "sd3.5-medium", "sd3.5-large")},
+    # toy2d: the toy scales (measured; the README's rtdmd section and tests/test_rtdmd_claims.py): the kl scale and
+    # the ambient weighting (dm_scale and fake_weighting below), the authors' EMA.
+    "toy2d": dict(micro_batch_size=0, cold_steps=400, batch_size=256, lr_generator=1e-3, lr_fake=1e-3,
+                  fake_updates_per_step=5, guidance_scale=1.0, rl_steps=600, groups=16, group_size=16, eval_samples=4000,
+                  fake_weighting="ambient", ema_decay=0.99, ema_decay_rl=0.9),
+    # The authors' configs (notes/recipes.md section 3, configs/cold_start/*.yaml and configs/rtdmd/*.yaml), one value
+    # per row of tests/test_rtdmd_presets.py. Batch sizes are the authors' global ones in one process (torchrun: divide).
+    "sd3-medium": dict(resolution=1024, micro_batch_size=2, cold_steps=1500, batch_size=72, lr_generator=3e-5,
+                       lr_fake=3e-5, fake_updates_per_step=10, guidance_scale=7.0, rl_steps=1000, groups=32,
+                       group_size=16, eval_samples=16, fake_weighting="clamped", ema_decay=0.99, ema_decay_rl=0.9),
+    "sd3.5-medium": dict(resolution=512, micro_batch_size=4, cold_steps=1500, batch_size=72, lr_generator=3e-5,
+                         lr_fake=3e-5, fake_updates_per_step=10, guidance_scale=4.5, rl_steps=1000, groups=48,
+                         group_size=24, eval_samples=16, fake_weighting="clamped", ema_decay=0.99, ema_decay_rl=0.9),
+}
+MODEL_DEFAULTS["sd3.5-large"] = dict(MODEL_DEFAULTS["sd3.5-medium"], resolution=1024, micro_batch_size=2)  # no authors' recipe
+for _name in ("sd3-medium", "sd3.5-medium", "sd3.5-large"):  # LoRA r32 alpha64 on both roles; CLIPScore + HPSv2.1 + PickScore
+    MODEL_DEFAULTS[_name].update(lora_rank=32, lora_alpha=64, fake_lora_rank=32, fake_lora_alpha=64,
+                                 t2i_reward=f"clip,hpsv2,pickscore:{PICKSCORE_SCALE:.10g}")
+
+RECIPE_DEFAULTS = {
+    # paper: the authors' stage 2. The toy scales (measured, tests/test_rtdmd_claims.py): at the authors' weights
+    # (DM 0.001, L_det 1e-4) the policy gradient reward-hacks the toy; with DM 1 and L_det 0.1 (their ratio) it tilts,
+    # and its mode weights keep drifting with lr x updates (no fixed point: DM on the last step cannot move mass
+    # between modes), so lr 2e-5 x 600 updates stops near its closest approach to p~.
+    ("paper", "toy2d"): dict(dm_scale="kl", rl_dm="final-step", advantage="global-std", log_prob="mse", det_margin=3.0,
+                             det_weight=0.1, dm_weight_rl=1.0, lr_generator_rl=2e-5, weight_decay_generator_rl=0.0,
+                             rl_renoise_max=1.0, fake_updates_per_rl_step=1),
+    ("paper", "t2i"): dict(dm_scale="dmd2", rl_dm="final-step", advantage="global-std", log_prob="mse", det_margin=3.0,
+                           det_weight=1e-4, dm_weight_rl=1e-3, lr_generator_rl=3e-6, weight_decay_generator_rl=1e-4,
+                           rl_renoise_max=1.0, fake_updates_per_rl_step=1),
+    # natural: eq. 18 at natural scales (dm_weight 1, L_det weight 1, no hinge), the previous toy default.
+    ("natural", "toy2d"): dict(dm_scale="kl", rl_dm="all-steps", advantage="center", log_prob="exact", det_margin=math.inf,
+                               det_weight=1.0, dm_weight_rl=1.0, lr_generator_rl=3e-4, weight_decay_generator_rl=0.0,
+                               rl_renoise_max=0.5, fake_updates_per_rl_step=5),
+    ("natural", "t2i"): dict(dm_scale="kl", rl_dm="all-steps", advantage="center", log_prob="exact", det_margin=math.inf,
+                             det_weight=1.0, dm_weight_rl=1.0, lr_generator_rl=3e-6, weight_decay_generator_rl=1e-4,
+                             rl_renoise_max=0.5, fake_updates_per_rl_step=1),
 }
 
 
@@ -237,7 +331,7 @@ def student_sigmas(world, student_steps):
 
 
 def student_schedule(world, student_steps):
-    """[t_0 = 1, t_1, ..., t_{K-1}, t_K = 0] as noise levels: the K student levels and the clean end."""
+    """[sigma_0 = 1, sigma_1, ..., sigma_{K-1}, sigma_K = 0]: the K student levels and the clean end."""
     return student_sigmas(world, student_steps) + [0.0]
 
 
@@ -245,6 +339,12 @@ def _col(v, x):
     """A number or per-sample (n,) tensor as something that broadcasts against x (n, ...)."""
     v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
     return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() == 1 else v
+
+
+def row_chunks(n, size):
+    """Row slices of at most `size` rows covering 0..n (size 0 or None: one chunk)."""
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 # ---- CPS sampler (eq. 19-21, appendix C) ----
@@ -262,15 +362,20 @@ def cps_step(x, x0, sigma, sigma_next, eta, noise):
 
 
 def cps_std(sigma_next, eta):
-    """Standard deviation of the CPS transition, sigma_k = t_k sin(eta pi / 2) (eq. 13)."""
+    """Standard deviation of the CPS transition, sigma_k sin(eta pi / 2) (eq. 13)."""
     return sigma_next * math.sin(eta * math.pi / 2)
 
 
-def transition_log_prob(x_next, mean, std):
-    """log N(x_next; mean, std^2 I) (n,), summed over the data dimensions (eq. 13, with its constant)."""
+def transition_log_prob(x_next, mean, std, form="exact"):
+    """Log-probability (n,) of the transition x_next ~ N(mean, std^2 I).
+    exact: log N summed over the data dimensions, with its constants (eq. 13);
+    mse: the authors' -mean_dims (x_next - mean)^2, which is (2 std^2 / D) (log N + const): their policy gradient is the
+    exact one times 2 std^2 / D (D = 65,536 latent dims on SD3 at 512 px, 2 on the toy)."""
+    sq = (x_next - mean) ** 2
+    if form == "mse":
+        return -sq.flatten(1).mean(1)
     d = x_next[0].numel()
-    sq = ((x_next - mean) ** 2).flatten(1).sum(1)
-    return -sq / (2 * std**2) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
+    return -sq.flatten(1).sum(1) / (2 * std**2) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
 
 
 def ddpm_eta(sigma, sigma_next):
@@ -280,14 +385,22 @@ def ddpm_eta(sigma, sigma_next):
     return torch.asin((1 - ratio**2).sqrt()) * (2 / math.pi)
 
 
+def chain_noise(world, cond, big_k, generator=None):
+    """The randomness of one K-step rollout: starting noise (n, ...) and the K-1 step noises."""
+    x_start = world.noise(cond, generator)
+    where = generator.device if generator is not None else x_start.device  # a CPU generator with a CUDA world
+    return x_start, [torch.randn(x_start.shape, generator=generator, device=where, dtype=x_start.dtype).to(x_start.device)
+                     for _ in range(big_k - 1)]
+
+
 def sample_student(world, cond, schedule, eta, noise, stop=None, noises=None, generator=None):
-    """K-step CPS sampling from noise (n, ...). schedule = [t_0, ..., t_K]. With stop=k returns the state x_{t_k}
-    after k steps (k = K: the clean sample). noises: optional list of the K-1 injected noises (else fresh ones)."""
+    """K-step CPS sampling from noise (n, ...). schedule = [sigma_0, ..., sigma_K]. With stop=k returns the state x_k
+    after k steps (k = K: the clean sample). noises: the K-1 injected noises (default: fresh ones from generator)."""
     stop = len(schedule) - 1 if stop is None else stop
     x = noise
     for k in range(1, stop + 1):
         x0 = world.x0("generator", x, schedule[k - 1], cond)
-        if schedule[k] == 0:  # the deterministic last step (t_K = 0)
+        if schedule[k] == 0:  # the deterministic last step (sigma_K = 0)
             return x0
         where = generator.device if generator is not None else x.device  # a CPU generator with a CUDA world
         z = noises[k - 1] if noises is not None else torch.randn(x.shape, generator=generator, device=where,
@@ -296,96 +409,124 @@ def sample_student(world, cond, schedule, eta, noise, stop=None, noises=None, ge
     return x
 
 
-def generator_state(world, cond, schedule, eta, noise, k, full_chain=False):
-    """Backward simulation for step k in 1..K: steps 1..k-1 without grad, step k WITH grad. Returns x_{t_k} (n, ...).
-    full_chain=True differentiates all k steps (the pathwise derivative of x_{t_k} w.r.t. theta, noise held fixed)."""
-    with torch.set_grad_enabled(full_chain and torch.is_grad_enabled()):
-        x = sample_student(world, cond, schedule, eta, noise, stop=k - 1)
-    x0 = world.x0("generator", x, schedule[k - 1], cond)
-    if schedule[k] == 0:
+def generator_state(world, cond, schedule, eta, x_start, noises, stop, all_steps=False):
+    """Backward simulation to stop index k in 1..K: steps 1..k-1 without grad, step k WITH grad; returns x_k (n, ...).
+    all_steps=True differentiates all k steps (the pathwise derivative of x_k w.r.t. theta, noise held fixed)."""
+    with torch.set_grad_enabled(all_steps and torch.is_grad_enabled()):
+        x = sample_student(world, cond, schedule, eta, x_start, stop=stop - 1, noises=noises)
+    x0 = world.x0("generator", x, schedule[stop - 1], cond)
+    if schedule[stop] == 0:
         return x0
-    return cps_step(x, x0, schedule[k - 1], schedule[k], eta, torch.randn_like(x))
+    return cps_step(x, x0, schedule[stop - 1], schedule[stop], eta, noises[stop - 1])
+
+
+@torch.no_grad()
+def simulate_states(world, cond, schedule, eta, stop, micro_batch_size=0):
+    """Detached student states x_k at stop index k for conditions cond (n,), in chunks."""
+    x_start, noises = chain_noise(world, cond, len(schedule) - 1)
+    return torch.cat([generator_state(world, cond[r], schedule, eta, x_start[r], [z[r] for z in noises], stop)
+                      for r in row_chunks(cond.shape[0], micro_batch_size)])
 
 
 # ---- stage 1: AC-DMD (eq. 8-12) ----
 
 
-def ambient_renoise(world, x_s, s, t, eps):
-    """Renoise a state at level s to level t >= s (per sample): x_t = a x_s + sqrt(t^2 - a^2 s^2) eps, a = alpha_t / alpha_s.
-    If x_s = alpha_s x0 + s eps', then x_t = alpha_t x0 + t eps'': the path's marginal at t (eq. 8, variance-correct)."""
-    s, t = _col(s, x_s), _col(t, x_s)
-    a = world.alpha(t) / world.alpha(s)
-    return a * x_s + (t**2 - a**2 * s**2).clamp(min=0).sqrt() * eps
+def ambient_renoise(world, x_s, sigma_s, sigma_t, eps):
+    """Renoise a state at level sigma_s to sigma_t >= sigma_s (per sample): x_t = a x_s + sqrt(sigma_t^2 - a^2 sigma_s^2)
+    eps, a = alpha_t / alpha_s. If x_s = alpha_s x0 + sigma_s eps', then x_t = alpha_t x0 + sigma_t eps'': the path's
+    marginal at sigma_t (eq. 8, variance-correct)."""
+    sigma_s, sigma_t = _col(sigma_s, x_s), _col(sigma_t, x_s)
+    a = world.alpha(sigma_t) / world.alpha(sigma_s)
+    return a * x_s + (sigma_t**2 - a**2 * sigma_s**2).clamp(min=0).sqrt() * eps
 
 
-def renoise_levels(world, s_time, n, args, device, hi=None):
-    """Pre-shift renoise times t in [t_k, renoise_max] (k = K: [renoise_min, renoise_max]) -> noise levels (n,)."""
-    lo = max(s_time, args.renoise_min)
-    hi = args.renoise_max if hi is None else hi
-    u = lo + (hi - lo) * torch.rand(n, device=device)
-    return world.sigma(u)
+def renoise_levels(sigma_s, n, args, device, top=1.0):
+    """The authors' renoise levels (n,): sigma_t ~ U[sigma_s + renoise_offset, top], clamped to [renoise_min,
+    renoise_max]. Noise levels, unshifted (at sigma_s = 0.9, SD3's first step, 22% of the draws sit at 0.98)."""
+    lo = sigma_s + args.renoise_offset
+    hi = max(top, lo)
+    return (lo + (hi - lo) * torch.rand(n, device=device)).clamp(args.renoise_min, args.renoise_max)
 
 
-def acdmd_generator_loss(world, x_s, s, cond, t, guidance_scale, eta, dm_scale):
-    """The AC-DMD generator loss of states x_s (n, ..., with grad) at level s, renoised to levels t (n,) in [s, 1] (eq. 9).
-    dm_scale "kl": d loss / d x_s,i = alpha_k(t) (s_fake - s_real)(x_t) / n, the un-normalised per-sample KL gradient,
-        with s(x, t) = (alpha_t x0 - x) / t^2 the flow marginal score;
-    dm_scale "dmd2": the official code's step: teacher and fake each take one CPS step back from t to s with shared
-        noise, and the DMD2-normalised dmd_grad between x_s and the two results (= DMD2 exactly for s = 0)."""
+def real_x0(world, x_t, sigma_t, cond, guidance_scale, tilted=None):
+    """The real score's x0-prediction: the teacher with CFG, or (tilted: a toy GaussianMixture) the exact tilted
+    teacher's noisy marginal, E_p~[x0 | x_t]."""
+    if tilted is None:
+        return world.x0("teacher", x_t, sigma_t, cond, cfg=guidance_scale)
+    return tilted.x0(x_t, sigma_t, world.path, cond).to(x_t.dtype)
+
+
+def kl_matching_loss(x, grad):
+    """0.5 sum_dims (x - sg(x - grad))^2, averaged over samples: its gradient w.r.t. x_i is grad_i / n, the per-sample
+    KL gradient itself (dmd_loss averages over the dimensions too: 1 / (n D))."""
+    return 0.5 * ((x - (x - grad).detach()) ** 2).flatten(1).sum(1).mean()
+
+
+def acdmd_generator_loss(world, x_s, sigma_s, cond, sigma_t, eps, step_noise, guidance_scale, eta, dm_scale, tilted=None):
+    """The AC-DMD generator loss of states x_s (n, ..., with grad) at level sigma_s (a number), renoised with eps to the
+    levels sigma_t (n,) (eq. 9); a mean over the n rows.
+    kl:   d loss / d x_s,i = a (s_fake - s_real)(x_t) / n, a = alpha_t / alpha_s, with the flow marginal score
+          s(x, sigma) = (alpha x0 - x) / sigma^2: the un-normalised per-sample KL gradient;
+    dmd2: the authors' step: teacher and fake each take one CPS step back from sigma_t to sigma_s with the shared noise
+          step_noise, then the DMD2-normalised dmd_grad between x_s and the two results (= DMD2 exactly at sigma_s = 0)."""
     with torch.no_grad():
-        x_t = ambient_renoise(world, x_s, s, t, torch.randn_like(x_s))
-        x0_real = world.x0("teacher", x_t, t, cond, cfg=guidance_scale)
-        x0_fake = world.x0("fake", x_t, t, cond)
+        x_t = ambient_renoise(world, x_s, sigma_s, sigma_t, eps)
+        x0_real = real_x0(world, x_t, sigma_t, cond, guidance_scale, tilted)
+        x0_fake = world.x0("fake", x_t, sigma_t, cond)
         if dm_scale == "kl":
-            tc = _col(t, x_s)
-            a = world.alpha(tc) / world.alpha(_col(s, x_s))
-            grad = a * world.alpha(tc) * (x0_fake - x0_real) / tc**2  # alpha_k (s_fake - s_real)
+            level_t = _col(sigma_t, x_s)
+            a = world.alpha(level_t) / world.alpha(_col(sigma_s, x_s))
+            grad = a * world.alpha(level_t) * (x0_fake - x0_real) / level_t**2  # a (s_fake - s_real)
         else:
-            if s > 0:
-                z = torch.randn_like(x_s)
-                x0_real = cps_step(x_t, x0_real, t, s, eta, z)
-                x0_fake = cps_step(x_t, x0_fake, t, s, eta, z)
+            if sigma_s > 0:  # back to sigma_s: a CPS step is linear in x0, the difference stays along x0_real - x0_fake
+                x0_real = cps_step(x_t, x0_real, sigma_t, sigma_s, eta, step_noise)
+                x0_fake = cps_step(x_t, x0_fake, sigma_t, sigma_s, eta, step_noise)
             grad = dmd_grad(x_s, x0_real, x0_fake)
-    if dm_scale == "kl":
-        return dmd_loss(x_s, grad) * x_s[0].numel()  # per-sample sum over dimensions, mean over samples
-    return dmd_loss(x_s, grad)
+    return kl_matching_loss(x_s, grad) if dm_scale == "kl" else dmd_loss(x_s, grad)
 
 
-def ambient_x0_target(world, x_s, s, t, eps):
-    """Denoising target of eq. 10 in x0 form. x_t = ambient_renoise(x_s, s, t, eps); the conditional score
-    (a x_s - x_t) / sigma_k^2 (sigma_k^2 = t^2 - a^2 s^2) equals the flow score (alpha_t x0* - x_t) / t^2 of
-        x0* = x_s / alpha_s - alpha_t s^2 / (alpha_s^2 sigma_k) eps,
-    so E[x0* | x_t] is the student marginal's x0-prediction (appendix D). s = 0 gives x0* = x_s. Returns x_t, x0*, sigma_k."""
-    sc, tc = _col(s, x_s), _col(t, x_s)
-    a_s, a_t = world.alpha(sc), world.alpha(tc)
-    sigma_k = (tc**2 - (a_t / a_s) ** 2 * sc**2).clamp(min=1e-12).sqrt()
-    x_t = ambient_renoise(world, x_s, s, t, eps)
-    target = x_s / a_s - a_t * sc**2 / (a_s**2 * sigma_k) * eps
-    return x_t, target, sigma_k.reshape(-1)
+def ambient_x0_target(world, x_s, sigma_s, sigma_t, eps):
+    """Denoising target of eq. 10 in x0 form. x_t = ambient_renoise(x_s, sigma_s, sigma_t, eps); the conditional score
+    (a x_s - x_t) / sigma_ts^2 (sigma_ts^2 = sigma_t^2 - a^2 sigma_s^2) equals the flow score (alpha_t x0* - x_t) / sigma_t^2 of
+        x0* = x_s / alpha_s - alpha_t sigma_s^2 / (alpha_s^2 sigma_ts) eps,
+    so E[x0* | x_t] is the student marginal's x0-prediction (appendix D). sigma_s = 0 gives x0* = x_s.
+    Returns x_t, x0*, sigma_ts (n,)."""
+    level_s, level_t = _col(sigma_s, x_s), _col(sigma_t, x_s)
+    alpha_s, alpha_t = world.alpha(level_s), world.alpha(level_t)
+    sigma_ts = (level_t**2 - (alpha_t / alpha_s) ** 2 * level_s**2).clamp(min=1e-12).sqrt()
+    x_t = ambient_renoise(world, x_s, sigma_s, sigma_t, eps)
+    target = x_s / alpha_s - alpha_t * level_s**2 / (alpha_s**2 * sigma_ts) * eps
+    return x_t, target, sigma_ts.reshape(-1)
 
 
-def ambient_fake_loss(world, x_s, s, cond, t):
-    """Eq. 10 in the fake model's native loss: weight (sigma_k / t)^2 * world.loss_weight(t) on the x0 error, i.e.
-    omega_k(t) = sigma_k^2 / alpha_t^2 on the score error; it is dmd.py's fake_score_loss for s = 0 and keeps the
-    variance of the target bounded as t -> s. Returns the loss and (x_t, x0_fake) for the consistency term."""
-    eps = torch.randn_like(x_s)
-    x_t, target, sigma_k = ambient_x0_target(world, x_s, s, t, eps)
-    x0_fake = world.x0("fake", x_t, t, cond)
-    per_sample = ((x0_fake - target) ** 2).flatten(1).mean(1)
-    return (world.loss_weight(t) * (sigma_k / t) ** 2 * per_sample).mean(), x_t, x0_fake
+def ambient_fake_loss(world, x_s, sigma_s, cond, sigma_t, eps, weighting="clamped"):
+    """Eq. 10 as a weighted velocity loss (a mean over rows and dims): |v - v*|^2 = world.loss_weight(sigma_t) |x0 - x0*|^2
+    times min(1, 10 sigma_ts^2) (clamped: the authors' clamp(1 / sigma_ts^2, 0, 10) on |sigma_ts (v - v*)|^2) or
+    (sigma_ts / sigma_t)^2 (ambient: omega_k = sigma_ts^2 / alpha_t^2 on the score error; dmd.py's fake_score_loss at
+    sigma_s = 0). Both bound the target's variance as sigma_t -> sigma_s. Returns the loss and (x_t, x0_fake)."""
+    x_t, target, sigma_ts = ambient_x0_target(world, x_s, sigma_s, sigma_t, eps)
+    x0_fake = world.x0("fake", x_t, sigma_t, cond)
+    per_sample = ((x0_fake - target) ** 2).flatten(1).mean(1) * world.loss_weight(sigma_t)  # |v - v*|^2, mean over dims
+    weight = (10 * sigma_ts**2).clamp(max=1.0) if weighting == "clamped" else (sigma_ts / sigma_t) ** 2
+    return (weight * per_sample).mean(), x_t, x0_fake
 
 
-def consistency_loss(world, x_t, t, h, cond, gap):
-    """Eq. 11 with appendix F's two-sample estimator: from x_t (level t, fake x0-prediction h) take two independent
-    DDPM-posterior steps to t'' = t - gap with the fake's own prediction, and return mean (h'_1 - h) . (h'_2 - h):
-    unbiased for ||E h' - h||^2, which is 0 for the optimal (self-consistent) denoiser (appendix E)."""
-    t2 = (t - gap).clamp(min=1e-3)
-    eta = ddpm_eta(t, t2)
-    h_next = []
-    for _ in range(2):
-        x_next = cps_step(x_t, h, t, t2, eta, torch.randn_like(x_t))
-        h_next.append(world.x0("fake", x_next, t2, cond))
-    return ((h_next[0] - h) * (h_next[1] - h)).flatten(1).sum(1).mean()
+def consistency_levels(sigma_t, max_gap):
+    """The consistency step's target levels max(sigma_t - Delta, 0), Delta ~ U{1, ..., round(1000 max_gap)} / 1000."""
+    delta = torch.randint(1, round(1000 * max_gap) + 1, sigma_t.shape, device=sigma_t.device).to(sigma_t.dtype) / 1000
+    return (sigma_t - delta).clamp(min=0.0)
+
+
+def consistency_loss(world, x_t, sigma_t, h, cond, sigma_next, noises, kernel="ddpm", eta=0.9):
+    """Eq. 11 with appendix F's two-sample estimator: from x_t (level sigma_t, fake x0-prediction h, with grad) take two
+    independent reverse steps to sigma_next (the transitions use h detached, as the authors') and return
+    mean_rows mean_dims (h'_1 - h)(h'_2 - h), unbiased for mean_dims (E h' - h)^2, which is 0 for a self-consistent
+    denoiser (appendix E). kernel ddpm: the DDPM posterior step; cps: CPS at eta (the authors')."""
+    step_eta = ddpm_eta(sigma_t, sigma_next) if kernel == "ddpm" else eta
+    with torch.no_grad():
+        x_next = [cps_step(x_t, h.detach(), sigma_t, sigma_next, step_eta, z) for z in noises]
+    h1, h2 = (world.x0("fake", x, sigma_next, cond) for x in x_next)
+    return ((h1 - h) * (h2 - h)).flatten(1).mean(1).mean()
 
 
 # Copied from dmd.py: dmd_grad
@@ -417,42 +558,55 @@ def fake_score_loss(world, x0, cond, t, adapter_scale=1.0, role="fake", eps=None
     return (world.loss_weight(sigma) * per_sample).mean()
 
 
-def pick_step(schedule, last=False):
-    """A student step k uniform in 1..K (last: k = K), and its pre-shift time t_k (for the renoise range)."""
-    big_k = len(schedule) - 1
-    k = big_k if last else int(torch.randint(1, big_k + 1, (1,)))
-    return k, 1.0 - k / big_k
+def pick_stop(schedule):
+    """A stop index k uniform in 1..K (one per batch, as the authors broadcast it)."""
+    return int(torch.randint(1, len(schedule), (1,)))
 
 
-def fake_update(world, args, schedule, opt_fake, last=False):
-    """One fake-score update (eq. 12): AC-DMD's ambient DSM on a fresh detached student state + gamma * consistency."""
-    n = args.batch_size
-    k, s_time = pick_step(schedule, last)
-    cond = world.sample_cond(n)
-    with torch.no_grad():
-        x_s = generator_state(world, cond, schedule, args.eta, world.noise(cond), k)
-    s = schedule[k]
-    t = renoise_levels(world, s_time, n, args, x_s.device, args.rl_renoise_max if last else None)
-    loss, x_t, x0_fake = ambient_fake_loss(world, x_s, s, cond, t)
-    cons = consistency_loss(world, x_t, t, x0_fake, cond, args.consistency_gap) if args.gamma > 0 else loss.new_zeros(())
-    total = loss + args.gamma * cons
-    check_finite(total, "fake_loss")
+def fake_update(world, args, opt_fake, x_s, sigma_s, cond, top=1.0):
+    """One fake-score update (eq. 12) on detached states x_s (n, ...) at level sigma_s: ambient DSM at renoise levels in
+    [sigma_s, top] + gamma * consistency, in chunks accumulated into one step. Returns (fake loss, consistency)."""
+    n = x_s.shape[0]
+    sigma_t = renoise_levels(sigma_s, n, args, x_s.device, top)
+    eps = torch.randn_like(x_s)
+    sigma_next = consistency_levels(sigma_t, args.consistency_max_gap)
+    z1, z2 = torch.randn_like(x_s), torch.randn_like(x_s)
     opt_fake.zero_grad(set_to_none=True)
-    total.backward()
+    fake_total, cons_total = 0.0, 0.0
+    for r in row_chunks(n, args.micro_batch_size):
+        loss, x_t, x0_fake = ambient_fake_loss(world, x_s[r], sigma_s, cond[r], sigma_t[r], eps[r], args.fake_weighting)
+        cons = (consistency_loss(world, x_t, sigma_t[r], x0_fake, cond[r], sigma_next[r], (z1[r], z2[r]),
+                                 args.consistency_kernel, args.eta) if args.gamma > 0 else loss.new_zeros(()))
+        total = (loss + args.gamma * cons) * (x_t.shape[0] / n)  # chunk share of the batch mean
+        check_finite(total, "fake_loss")
+        total.backward()
+        fake_total += loss.item() * x_t.shape[0] / n
+        cons_total += cons.item() * x_t.shape[0] / n
     sync_and_clip(world.params("fake"), args.grad_clip)
     opt_fake.step()
-    return loss.item(), cons.item()
+    return fake_total, cons_total
 
 
-def acdmd_loss_batch(world, args, schedule, full_chain=False):
-    """AC-DMD generator loss on a fresh batch at a random student step k (full_chain: the final samples, k = K,
-    differentiated through every step). Returns (loss with grad, k)."""
+def cold_update(world, args, schedule, opt_generator, tilted=None):
+    """One stage 1 generator update: AC-DMD (eq. 9) at a random stop index, in chunks. Returns logs."""
     n = args.batch_size
-    k, s_time = pick_step(schedule, last=full_chain)
+    k = pick_stop(schedule)
     cond = world.sample_cond(n)
-    x_s = generator_state(world, cond, schedule, args.eta, world.noise(cond), k, full_chain)
-    t = renoise_levels(world, s_time, n, args, x_s.device, args.rl_renoise_max if full_chain else None)
-    return acdmd_generator_loss(world, x_s, schedule[k], cond, t, args.guidance_scale, args.eta, args.dm_scale), k
+    x_start, noises = chain_noise(world, cond, len(schedule) - 1)
+    sigma_t = renoise_levels(schedule[k], n, args, x_start.device)
+    eps, step_noise = torch.randn_like(x_start), torch.randn_like(x_start)
+    opt_generator.zero_grad(set_to_none=True)
+    total = 0.0
+    for r in row_chunks(n, args.micro_batch_size):
+        x_s = generator_state(world, cond[r], schedule, args.eta, x_start[r], [z[r] for z in noises], k)
+        loss = acdmd_generator_loss(world, x_s, schedule[k], cond[r], sigma_t[r], eps[r], step_noise[r],
+                                    args.guidance_scale, args.eta, args.dm_scale, tilted) * (x_s.shape[0] / n)
+        check_finite(loss, "dm_loss")
+        loss.backward()
+        total += loss.item()
+    sync_and_clip(world.params("generator"), args.grad_clip)
+    opt_generator.step()
+    return {"dm_loss": total, "student_step": k}
 
 
 # ---- stage 2: hybrid policy gradient with SubGRPO (eq. 13-18) ----
@@ -465,9 +619,7 @@ def group_noises(world, cond, big_k, group_size, subset_size, naive, generator=N
     Returns the starting noise (G N, ...), the K-1 step noises, and the mask (G N, K-1) of steps in S."""
     n = cond.shape[0]
     g = n // group_size
-    x_start = world.noise(cond, generator)
-    noises = [torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
-              for _ in range(big_k - 1)]
+    x_start, noises = chain_noise(world, cond, big_k, generator)
     if naive:
         return x_start, noises, torch.ones(n, big_k - 1, dtype=torch.bool, device=x_start.device)
     mask = torch.zeros(g, big_k - 1, dtype=torch.bool)
@@ -481,91 +633,265 @@ def group_noises(world, cond, big_k, group_size, subset_size, naive, generator=N
 
 
 @torch.no_grad()
-def rollout(world, cond, schedule, eta, x_start, noises):
-    """A detached K-step CPS trajectory [x_{t_0}, ..., x_{t_{K-1}}] and the clean samples x_{t_K}."""
-    states = [x_start]
-    for k in range(1, len(schedule) - 1):
-        x = states[-1]
-        x0 = world.x0("generator", x, schedule[k - 1], cond)
-        states.append(cps_step(x, x0, schedule[k - 1], schedule[k], eta, noises[k - 1]))
-    return states, world.x0("generator", states[-1], schedule[-2], cond)
+def rollout(world, cond, schedule, eta, x_start, noises, micro_batch_size=0, log_prob=None):
+    """A detached K-step CPS trajectory [x_0, ..., x_{K-1}] and the clean samples x_K, in chunks; with log_prob (a form
+    of transition_log_prob) also the sampling pass's log-probabilities (n, K-1) (PPO's old policy)."""
+    big_k = len(schedule) - 1
+    parts = []
+    for r in row_chunks(cond.shape[0], micro_batch_size):
+        states, logps = [x_start[r]], []
+        for k in range(1, big_k):
+            x = states[-1]
+            x0 = world.x0("generator", x, schedule[k - 1], cond[r])
+            mean = cps_step(x, x0, schedule[k - 1], schedule[k], eta, torch.zeros_like(x))
+            states.append(mean + cps_std(schedule[k], eta) * noises[k - 1][r])  # = cps_step(..., noise)
+            if log_prob is not None:
+                logps.append(transition_log_prob(states[-1], mean, cps_std(schedule[k], eta), log_prob))
+        parts.append((states, world.x0("generator", states[-1], schedule[-2], cond[r]), logps))
+    states = [torch.cat([p[0][k] for p in parts]) for k in range(big_k)]
+    x0 = torch.cat([p[1] for p in parts])
+    if log_prob is None:
+        return states, x0
+    old = torch.stack([torch.cat([p[2][k] for p in parts]) for k in range(big_k - 1)], 1) if big_k > 1 else None
+    return states, x0, old
+
+
+def reward_terms(world, x0, cond):
+    """The reward's terms [(weight, scores (n,)), ...] of clean samples: on text-to-image each weighted term of the
+    spec (the authors normalise each term's advantages separately), on the toy the one reward."""
+    fn = world.reward_fn
+    if hasattr(fn, "terms") and hasattr(fn, "scores"):
+        scores = fn.scores(world.decode(x0), cond)
+        return [(w, scores[name].clamp(max=cap) if cap is not None else scores[name]) for name, w, cap in fn.terms]
+    return [(1.0, world.reward(x0, cond))]
 
 
 def group_advantages(rewards, group_size, kind, clip_value=0.0):
-    """Advantages (n,) from rewards (n,) in groups of group_size consecutive rows.
-    center: (r_i - mean) N / (N - 1) = r_i - mean of the others, an unbiased baseline; std: (r_i - mean) / std (GRPO).
-    A group whose rewards are all equal gets zero advantages (no NaN)."""
-    r = rewards.reshape(-1, group_size)
-    centered = r - r.mean(1, keepdim=True)
-    if kind == "center":
-        adv = centered * group_size / (group_size - 1)
+    """Advantages (n,) from rewards: a tensor (n,) or reward terms [(weight, (n,)), ...], in groups of group_size rows.
+    center:     (r - mean) N / (N - 1) = r_i - mean of the others (an unbiased baseline), on the weighted sum;
+    group-std:  (r - mean) / group std (GRPO as the paper writes it), on the weighted sum;
+    global-std: the authors': per term (r - group mean) / (std over the batch + 1e-4), the weighted sum of those,
+                standardised again over the batch ((A - mean) / (std + 1e-4); population stds).
+    A group whose rewards are all equal gets zero advantages (no NaN); then clipped to +-clip_value (0: off)."""
+    terms = [(1.0, rewards)] if torch.is_tensor(rewards) else list(rewards)
+    if kind == "global-std":
+        adv = 0.0
+        for w, r in terms:
+            g = r.reshape(-1, group_size).double()
+            adv = adv + w * ((g - g.mean(1, keepdim=True)) / (g.std(unbiased=False) + 1e-4)).reshape(-1)
+        adv = ((adv - adv.mean()) / (adv.std(unbiased=False) + 1e-4)).to(terms[0][1].dtype)
     else:
-        std = r.std(1, keepdim=True)
-        adv = torch.where(std > 0, centered / std.clamp(min=1e-12), torch.zeros_like(centered))
-    if clip_value > 0:
-        adv = adv.clamp(-clip_value, clip_value)
-    return adv.reshape(-1)
+        r = sum(w * t for w, t in terms).reshape(-1, group_size)
+        centered = r - r.mean(1, keepdim=True)
+        if kind == "center":
+            adv = (centered * group_size / (group_size - 1)).reshape(-1)
+        elif kind == "group-std":
+            std = r.std(1, keepdim=True)
+            adv = torch.where(std > 0, centered / std.clamp(min=1e-12), torch.zeros_like(centered)).reshape(-1)
+        else:
+            raise ValueError(f"unknown advantage {kind!r}; valid: center, group-std, global-std")
+    return adv.clamp(-clip_value, clip_value) if clip_value > 0 else adv
 
 
-def hybrid_policy_objective(world, cond, schedule, eta, states, mask, advantages, clip_range, use_det=True):
-    """The hybrid policy-gradient surrogate to MAXIMISE (eq. 14): its gradient is eq. 17 + eq. 15.
-    Stochastic part: (K-1)/M * mean_i sum_{k in S_i} min(rho A_i, clip(rho, 1 +- eps) A_i), rho = pi_theta / pi_old of the
-    sampled transition x_{t_k} | x_{t_{k-1}} (eq. 13); on-policy rho = 1 and the gradient is A_i grad log pi.
-    Deterministic part: mean_i r(G_theta(x_{t_{K-1}})), the sampled state x_{t_{K-1}} held fixed (appendix G.2).
-    Returns (stochastic, deterministic) surrogates (scalars with grad)."""
+def policy_step_surrogate(world, cond, schedule, eta, k, x_prev, x_next, advantages, clip_range, old_log_prob=None,
+                          log_prob="exact"):
+    """PPO's clipped surrogate (n,) of step k's transition x_prev -> x_next (eq. 13): min(rho A, clip(rho, 1 +- eps) A),
+    rho = pi_theta / pi_old; old_log_prob None: pi_old = pi_theta (rho = 1, the gradient is A grad log pi)."""
+    x0 = world.x0("generator", x_prev, schedule[k - 1], cond)
+    mean = cps_step(x_prev, x0, schedule[k - 1], schedule[k], eta, torch.zeros_like(x_prev))
+    logp = transition_log_prob(x_next, mean, cps_std(schedule[k], eta), log_prob)
+    ratio = (logp - (logp.detach() if old_log_prob is None else old_log_prob)).exp()
+    return torch.minimum(ratio * advantages, ratio.clamp(1 - clip_range, 1 + clip_range) * advantages)
+
+
+def det_surrogate(world, x0, cond, det_weight=1.0, det_margin=math.inf):
+    """L_det's surrogate to maximise (n,) on the deterministic last step's x0 (with grad): det_weight min(r - margin, 0)
+    = -det_weight relu(margin - r) (the authors' hinge; margin inf: det_weight r, eq. 15)."""
+    r = world.reward(x0, cond)
+    return det_weight * (r if math.isinf(det_margin) else -F.relu(det_margin - r))
+
+
+def hybrid_policy_objective(world, cond, schedule, eta, states, mask, advantages, clip_range, use_det=True,
+                            old_log_probs=None, log_prob="exact", det_weight=1.0, det_margin=math.inf):
+    """The hybrid policy-gradient surrogates to MAXIMISE (eq. 14), means over rows: the stochastic part
+    (K-1)/M mean_i sum_{k in S_i} surrogate_ik (eq. 17, on-policy its gradient is A_i grad log pi) and the deterministic
+    part mean_i L_det(G(x_{K-1})) with the sampled x_{K-1} held fixed (eq. 15, appendix G.2). Returns (stoc, det)."""
     big_k = len(schedule) - 1
     m = mask.sum(1).clamp(min=1).to(states[0].dtype)  # |S| per row
     stoc = states[0].new_zeros(states[0].shape[0])
     for k in range(1, big_k):
-        x_prev, x_next = states[k - 1], states[k]
-        x0 = world.x0("generator", x_prev, schedule[k - 1], cond)
-        mean = cps_step(x_prev, x0, schedule[k - 1], schedule[k], eta, torch.zeros_like(x_prev))
-        logp = transition_log_prob(x_next, mean, cps_std(schedule[k], eta))
-        ratio = (logp - logp.detach()).exp()
-        surr = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_range, 1 + clip_range) * advantages)
+        old = None if old_log_probs is None else old_log_probs[:, k - 1]
+        surr = policy_step_surrogate(world, cond, schedule, eta, k, states[k - 1], states[k], advantages, clip_range, old,
+                                     log_prob)
         stoc = stoc + torch.where(mask[:, k - 1], surr, torch.zeros_like(surr))
     stoc = ((big_k - 1) / m * stoc).mean()
     if not use_det:
         return stoc, stoc.new_zeros(())
-    det = world.reward(world.x0("generator", states[-1], schedule[-2], cond), cond).mean()
-    return stoc, det
+    x0 = world.x0("generator", states[-1], schedule[-2], cond)
+    return stoc, det_surrogate(world, x0, cond, det_weight, det_margin).mean()
 
 
-def rl_update(world, args, schedule, opt_generator):
-    """One stage 2 generator update: descend AC-DMD - beta (SubGRPO + L_det) (eq. 18). Returns logs."""
+def dm_fresh_batch(world, args, schedule, opt_fake, tilted):
+    """Stage 2's DM term on a fresh batch (rl_dm all-steps: final samples through all K steps; random-stop: stage 1's
+    AC-DMD): fake update(s) first, then the generator loss back-propagated in chunks (scaled by dm_weight_rl;
+    the caller steps). Returns (dm loss, fake loss, consistency, k)."""
+    n = args.batch_size
     big_k = len(schedule) - 1
+    all_steps = args.rl_dm == "all-steps"
+    top = args.rl_renoise_max if all_steps else 1.0
+    fakes = []
+    for _ in range(args.fake_updates_per_rl_step):
+        k = big_k if all_steps else pick_stop(schedule)
+        cond = world.sample_cond(n)
+        fakes.append(fake_update(world, args, opt_fake, simulate_states(world, cond, schedule, args.eta, k,
+                                                                          args.micro_batch_size),
+                                 schedule[k], cond, top))
+    k = big_k if all_steps else pick_stop(schedule)
+    cond = world.sample_cond(n)
+    x_start, noises = chain_noise(world, cond, big_k)
+    sigma_t = renoise_levels(schedule[k], n, args, x_start.device, top)
+    eps, step_noise = torch.randn_like(x_start), torch.randn_like(x_start)
+    total = 0.0
+    for r in row_chunks(n, args.micro_batch_size):
+        x_s = generator_state(world, cond[r], schedule, args.eta, x_start[r], [z[r] for z in noises], k, all_steps)
+        loss = acdmd_generator_loss(world, x_s, schedule[k], cond[r], sigma_t[r], eps[r], step_noise[r],
+                                    args.guidance_scale, args.eta, args.dm_scale, tilted) * (x_s.shape[0] / n)
+        check_finite(loss, "dm_loss")
+        (args.dm_weight_rl * loss).backward()
+        total += loss.item()
+    return total, sum(f for f, _ in fakes) / len(fakes), sum(c for _, c in fakes) / len(fakes), k
+
+
+def rl_update(world, args, schedule, opt_generator, opt_fake, tilted=None):
+    """One stage 2 update (eq. 18, Algorithm 1 lines 6-13): rollout with SubGRPO's noise, rewards, the fake's update,
+    advantages, then --ppo-epochs optimiser steps on  dm_weight_rl * DM - beta (L_stoc + L_det), in chunks.
+    tilted (dm_target tilted): DM only, against the exact tilted teacher. Returns logs."""
+    big_k = len(schedule) - 1
+    n = args.groups * args.group_size
+    policy = tilted is None
+    final_step = args.rl_dm == "final-step"
+    if not (policy or final_step):  # DM only, on fresh batches: no rollout needed
+        opt_generator.zero_grad(set_to_none=True)
+        dm, fake, cons, k = dm_fresh_batch(world, args, schedule, opt_fake, tilted)
+        sync_and_clip(world.params("generator"), args.grad_clip)
+        opt_generator.step()
+        return {"dm_loss": dm, "fake_loss": fake, "consistency": cons, "student_step": k, "stoc": 0.0, "det": 0.0}
     cond = world.sample_cond(args.groups).repeat_interleave(args.group_size, 0)  # one condition per group
     x_start, noises, mask = group_noises(world, cond, big_k, args.group_size, args.subset_size, args.naive_grpo)
-    states, x0 = rollout(world, cond, schedule, args.eta, x_start, noises)
-    rewards = world.reward(x0, cond)
-    adv = group_advantages(rewards, args.group_size, args.advantage, args.advantage_clip)
-    stoc, det = hybrid_policy_objective(world, cond, schedule, args.eta, states, mask, adv, args.clip_range, args.use_det)
-    dm, k = acdmd_loss_batch(world, args, schedule, args.rl_dm_full_chain)
-    loss = args.dm_weight_rl * dm - args.beta * (stoc + det)
-    check_finite(loss, "rl_loss")
-    opt_generator.zero_grad(set_to_none=True)
-    loss.backward()
-    sync_and_clip(world.params("generator"), args.grad_clip)
-    opt_generator.step()
-    return {"dm_loss": dm.item(), "stoc": stoc.item(), "det": det.item(), "reward": rewards.mean().item(), "student_step": k}
+    states, x0, old_logps = rollout(world, cond, schedule, args.eta, x_start, noises, args.micro_batch_size,
+                                    args.log_prob)
+    with torch.no_grad():
+        parts = [reward_terms(world, x0[r], cond[r]) for r in row_chunks(n, args.micro_batch_size)]  # chunked decode
+        terms = [(parts[0][i][0], torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
+        rewards = sum(w * s for w, s in terms)
+    logs = {"reward": rewards.mean().item()}
+    if final_step:  # the fake tracks the rollout's clean samples (the authors: once per update, before the advantages)
+        fakes = [fake_update(world, args, opt_fake, x0, 0.0, cond, args.rl_renoise_max)
+                 for _ in range(args.fake_updates_per_rl_step)]
+        logs.update(fake_loss=sum(f for f, _ in fakes) / len(fakes), consistency=sum(c for _, c in fakes) / len(fakes))
+    adv = group_advantages(terms, args.group_size, args.advantage, args.advantage_clip) if policy else None
+    m = mask.sum(1).clamp(min=1).to(x0.dtype)  # |S| per row
+    for _ in range(args.ppo_epochs):
+        sigma_t = renoise_levels(0.0, n, args, x0.device, args.rl_renoise_max)
+        eps = torch.randn_like(x0)
+        opt_generator.zero_grad(set_to_none=True)
+        stoc_total, det_total, dm_total = 0.0, 0.0, 0.0
+        for r in row_chunks(n, args.micro_batch_size):
+            rows = x0[r].shape[0]
+            for k in range(1, big_k) if policy else ():  # one backward per step: one forward's activations at a time
+                chosen = mask[r, k - 1]
+                if not bool(chosen.any()):
+                    continue
+                surr = policy_step_surrogate(world, cond[r], schedule, args.eta, k, states[k - 1][r], states[k][r],
+                                             adv[r], args.clip_range, old_logps[r, k - 1], args.log_prob)
+                stoc = ((big_k - 1) / m[r] * torch.where(chosen, surr, torch.zeros_like(surr))).sum() / n
+                check_finite(stoc, "rl_loss")
+                (-args.beta * stoc).backward()
+                stoc_total += stoc.item()
+            if not (final_step or (policy and args.reward_backprop)):
+                continue
+            x0_last = world.x0("generator", states[-1][r], schedule[-2], cond[r])  # the deterministic step, with grad
+            loss = x0_last.new_zeros(())
+            if policy and args.reward_backprop:
+                det = det_surrogate(world, x0_last, cond[r], args.det_weight, args.det_margin).sum() / n
+                loss = loss - args.beta * det
+                det_total += det.item()
+            if final_step:
+                dm = acdmd_generator_loss(world, x0_last, 0.0, cond[r], sigma_t[r], eps[r], None, args.guidance_scale,
+                                          args.eta, args.dm_scale, tilted) * (rows / n)
+                loss = loss + args.dm_weight_rl * dm
+                dm_total += dm.item()
+            check_finite(loss, "rl_loss")
+            loss.backward()
+        if not final_step:
+            dm_total, fake, cons, k = dm_fresh_batch(world, args, schedule, opt_fake, tilted)
+            logs.update(fake_loss=fake, consistency=cons, student_step=k)
+        sync_and_clip(world.params("generator"), args.grad_clip)
+        opt_generator.step()
+    return {**logs, "dm_loss": dm_total, "stoc": stoc_total, "det": det_total}
 
 
-def cold_update(world, args, schedule, opt_generator):
-    """One stage 1 generator update: AC-DMD (eq. 9) at a random student step."""
-    loss, k = acdmd_loss_batch(world, args, schedule)
-    check_finite(loss, "dm_loss")
-    opt_generator.zero_grad(set_to_none=True)
-    loss.backward()
-    sync_and_clip(world.params("generator"), args.grad_clip)
-    opt_generator.step()
-    return {"dm_loss": loss.item(), "student_step": k}
+# ---- generator EMA (the authors': utils/ema.py, dmd_trainer.py, rtdmd_trainer.py) ----
 
 
-def train_step(world, args, schedule, stage, opt_generator, opt_fake):
-    """One RTDMD iteration (algorithm 1): TTUR fake-score updates, then one generator update of the stage."""
-    last = stage == 2 and args.rl_dm_full_chain  # the fake tracks the distribution that is matched
-    fake, cons = zip(*[fake_update(world, args, schedule, opt_fake, last) for _ in range(args.fake_updates_per_step)])
-    logs = cold_update(world, args, schedule, opt_generator) if stage == 1 else rl_update(world, args, schedule, opt_generator)
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * params, tensor by tensor (in place)."""
+    for e, p in zip(ema_params, params, strict=True):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+
+
+def ema_decay_rl(update, max_decay):
+    """The authors' stage 2 ramp: min((1 + u) / (10 + u), max_decay) after update u."""
+    return min((1 + update) / (10 + update), max_decay)
+
+
+def ema_update_rl(ema_params, params, update, max_decay, every, repeats):
+    """Stage 2's EMA after update u (1, 2, ...): when (u + 1) % every == 0, `repeats` EMA updates toward the same
+    weights at the ramp's decay d(u), i.e. one update at decay d(u)^repeats (the authors call their EMA once per
+    sub-batch, 16 times per update, with the update counter u; it fires on every 8th)."""
+    if (update + 1) % every == 0:
+        ema_update(ema_params, params, ema_decay_rl(update, max_decay) ** repeats)
+
+
+@contextlib.contextmanager
+def ema_weights(world, ema_params):
+    """Within the block the generator runs with the EMA weights (None: unchanged); its own weights come back after."""
+    if ema_params is None:
+        yield
+        return
+    params = world.params("generator")
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, ema_params, strict=True):
+            p.copy_(e)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+
+
+def train_step(world, args, schedule, stage, opt_generator, opt_fake, ema=None, tilted=None):
+    """One RTDMD iteration (algorithm 1). Stage 1: TTUR fake-score updates on fresh states at random stop indices, then
+    one AC-DMD generator update, the EMA updated after every fake update (the last one after the generator's, as the
+    authors' per-global-step EMA). Stage 2: one rl_update (its own fake updates)."""
+    if stage == 2:
+        return rl_update(world, args, schedule, opt_generator, opt_fake, tilted)
+    fake, cons = [], []
+    for i in range(args.fake_updates_per_step):
+        k = pick_stop(schedule)
+        cond = world.sample_cond(args.batch_size)
+        x_s = simulate_states(world, cond, schedule, args.eta, k, args.micro_batch_size)
+        f, c = fake_update(world, args, opt_fake, x_s, schedule[k], cond)
+        fake.append(f)
+        cons.append(c)
+        if ema is not None and i < args.fake_updates_per_step - 1:
+            ema_update(ema, world.params("generator"), args.ema_decay)
+    logs = cold_update(world, args, schedule, opt_generator)  # stage 1 distils the (untilted) teacher
+    if ema is not None:
+        ema_update(ema, world.params("generator"), args.ema_decay)
     return {**logs, "fake_loss": sum(fake) / len(fake), "consistency": sum(cons) / len(cons)}
 
 
@@ -624,12 +950,17 @@ def setup_distributed(args):
     return rank, world_size, f"cuda:{local_rank}" if cuda else "cpu"
 
 
-# Copied from dmd.py: resolve_defaults
 def resolve_defaults(args):
-    """Fill the model-dependent defaults (None fields) from MODEL_DEFAULTS."""
-    for key, value in MODEL_DEFAULTS.get(args.model, {}).items():
+    """Fill the None fields: the model's defaults, then the stage 2 recipe's for that kind of world, then the subset
+    size from K (min(2, K - 1))."""
+    if args.model not in MODELS:
+        return args  # validate() names the valid models
+    recipe = RECIPE_DEFAULTS.get((args.stage2_recipe, "toy2d" if args.model == "toy2d" else "t2i"), {})
+    for key, value in {**MODEL_DEFAULTS.get(args.model, {}), **recipe}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.subset_size is None:
+        args.subset_size = max(1, min(2, args.student_steps - 1))
     return args
 
 
@@ -640,6 +971,8 @@ def validate(args):
                          f"Use one of {', '.join(m for m in MODELS if m != 'toy2d')} (or dmd.py / dmdr.py / gdmd.py for sdxl)")
     if args.model not in MODELS:
         raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
+    if args.stage2_recipe not in STAGE2_RECIPES:
+        raise ValueError(f"unknown stage2_recipe {args.stage2_recipe!r}; valid: {', '.join(STAGE2_RECIPES)}")
     if args.model == "toy2d":
         import toy2d
 
@@ -657,34 +990,48 @@ def validate(args):
         raise ValueError(f"student_steps must be in 2..8 (RTDMD needs a stochastic step), got {args.student_steps}")
     if not 0.0 <= args.eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {args.eta}")
-    for name in ("cold_steps", "rl_steps"):
+    for name in ("cold_steps", "rl_steps", "micro_batch_size"):
         if getattr(args, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "fake_updates_per_step", "groups", "log_every", "eval_every", "eval_samples"):
+    for name in ("batch_size", "fake_updates_per_step", "fake_updates_per_rl_step", "groups", "ppo_epochs",
+                 "ema_every_rl", "ema_repeats_rl", "log_every", "eval_every", "eval_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)}")
     if args.group_size < 2:
         raise ValueError(f"group_size must be >= 2 (group advantages need two trajectories), got {args.group_size}")
     if not 1 <= args.subset_size <= args.student_steps - 1:
         raise ValueError(f"subset_size M must be in 1..K-1 = 1..{args.student_steps - 1}, got {args.subset_size}")
-    if args.rl_steps > 0 and args.eta == 0.0 and not args.use_det:
-        raise ValueError("eta = 0 makes every step deterministic: the policy gradient needs eta > 0 (or --use-det)")
+    if args.rl_steps > 0 and args.eta == 0.0 and args.dm_target == "teacher":
+        raise ValueError("eta = 0 is the deterministic (Euler) sampler: stage 2 has no stochastic policy to train. "
+                         "Use eta > 0 (paper: 0.9), or --rl-steps 0")
     for name in ("lr_generator", "lr_fake", "lr_generator_rl"):
         if not getattr(args, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
-    for name in ("gamma", "beta", "guidance_scale", "advantage_clip", "clip_range", "dm_weight_rl", "grad_clip"):
-        if getattr(args, name) < 0:
+    for name in ("gamma", "beta", "guidance_scale", "advantage_clip", "clip_range", "dm_weight_rl", "det_weight",
+                 "det_margin", "grad_clip", "renoise_offset", "weight_decay_generator", "weight_decay_generator_rl"):
+        if not getattr(args, name) >= 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("ema_decay", "ema_decay_rl"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(args, name)}")
     if not 0.0 <= args.renoise_min < args.renoise_max <= 1.0:
         raise ValueError(f"need 0 <= renoise_min < renoise_max <= 1, got {args.renoise_min}, {args.renoise_max}")
-    if not args.renoise_min < args.rl_renoise_max <= 1.0:
-        raise ValueError(f"need renoise_min < rl_renoise_max <= 1, got {args.rl_renoise_max}")
-    if not 0.0 < args.consistency_gap < 1.0:
-        raise ValueError(f"consistency_gap must be in (0, 1), got {args.consistency_gap}")
-    if args.dm_scale not in ("kl", "dmd2"):
-        raise ValueError(f"dm_scale must be kl or dmd2, got {args.dm_scale!r}")
-    if args.advantage not in ("center", "std"):
-        raise ValueError(f"advantage must be center or std, got {args.advantage!r}")
+    if not args.renoise_offset < args.rl_renoise_max <= 1.0:
+        raise ValueError(f"need renoise_offset < rl_renoise_max <= 1, got {args.rl_renoise_max}")
+    if not 0.001 <= args.consistency_max_gap < 1.0:
+        raise ValueError(f"consistency_max_gap must be in [0.001, 1), got {args.consistency_max_gap}")
+    choices = {"dm_scale": ("kl", "dmd2"), "advantage": ("center", "group-std", "global-std"), "log_prob": ("mse", "exact"),
+               "rl_dm": ("final-step", "all-steps", "random-stop"), "dm_target": ("teacher", "tilted"),
+               "fake_weighting": ("clamped", "ambient"), "consistency_kernel": ("ddpm", "cps")}
+    for name, valid in choices.items():
+        if getattr(args, name) not in valid:
+            raise ValueError(f"{name} must be one of {', '.join(valid)}, got {getattr(args, name)!r}")
+    if args.dm_target == "tilted":
+        if args.model != "toy2d" or args.toy_reward not in ("linear", "quadratic"):
+            raise ValueError("--dm-target tilted needs the exact tilted teacher: the toy with a linear or quadratic reward "
+                             "(on images it would need log E_p[exp(beta r(x0)) | x_t], see the docstring)")
+        if args.guidance_scale != 1.0:
+            raise ValueError("--dm-target tilted is the tilt of the unguided teacher: use --guidance-scale 1")
 
 
 # Copied from dmd.py: validate_t2i
@@ -788,6 +1135,15 @@ def save_checkpoint(world, run_dir, step, training_state=None, ema=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def save_run_checkpoint(world, run_dir, step, ema):
+    """checkpoint/ with the EMA weights as the generator (what is evaluated, and what a stock pipeline loads) and,
+    with an EMA, the trained weights in checkpoint/raw/."""
+    with ema_weights(world, ema):
+        save_checkpoint(world, run_dir, step)
+    if ema is not None:
+        world.save("generator", run_dir / "checkpoint" / "raw")
+
+
 @torch.no_grad()
 def evaluate(world, schedule, eta, n, seed, beta=None):
     """Student samples (CPS, the training sampler) from fixed noise, and the world's metrics (vs the tilted teacher too)."""
@@ -795,6 +1151,14 @@ def evaluate(world, schedule, eta, n, seed, beta=None):
     cond = world.sample_cond(n, gen)
     samples = sample_student(world, cond, schedule, eta, world.noise(cond, gen), generator=gen)
     return samples, cond, world.evaluate(samples, cond, beta=beta)
+
+
+def make_optimizers(world, args, stage):
+    """Fresh AdamW for both adapters at the stage's rates (stage 2 is a new run in the authors' code)."""
+    lr, wd = (args.lr_generator, args.weight_decay_generator) if stage == 1 else (args.lr_generator_rl,
+                                                                                  args.weight_decay_generator_rl)
+    return (torch.optim.AdamW(world.params("generator"), lr, weight_decay=wd),
+            torch.optim.AdamW(world.params("fake"), args.lr_fake, weight_decay=0.0))
 
 
 def main(args, world=None):
@@ -811,9 +1175,10 @@ def main(args, world=None):
     if lead:
         (run_dir / "config.json").write_text(json.dumps({"method": "rtdmd", **asdict(args)}, indent=2))
     schedule = student_schedule(world, args.student_steps)
-    opt_generator = torch.optim.AdamW(world.params("generator"), args.lr_generator, weight_decay=args.weight_decay_generator)
-    opt_fake = torch.optim.AdamW(world.params("fake"), args.lr_fake, weight_decay=0.0)
+    opt_generator, opt_fake = make_optimizers(world, args, 1)
     beta = args.beta if args.toy_reward in ("linear", "quadratic") else None
+    tilted = world.reward_fn.tilt(world.mixture, args.beta) if args.dm_target == "tilted" else None
+    ema = [p.detach().clone() for p in world.params("generator")] if args.ema_decay > 0 else None
 
     history = []
     log = open(run_dir / "metrics.jsonl", "a") if lead else open(os.devnull, "w")
@@ -826,40 +1191,48 @@ def main(args, world=None):
     if lead:
         samples, _, metrics = evaluate(world, schedule, args.eta, args.eval_samples, args.seed + 1, beta)
         record({"step": 0, "stage": 1, **metrics})
-        save_checkpoint(world, run_dir, 0)
+        save_run_checkpoint(world, run_dir, 0, ema)
     start = time.time()
     total = args.cold_steps + args.rl_steps
     bar = tqdm(range(1, total + 1), desc="rtdmd stage 1 (AC-DMD)", disable=not (args.progress and lead), dynamic_ncols=True)
     for step in bar:
         stage = 1 if step <= args.cold_steps else 2
         if stage == 2 and step == args.cold_steps + 1:
-            if lead:
+            if lead and args.cold_steps > 0:
                 world.plot_samples(samples, run_dir / "samples_cold_start.png",
                                    f"rtdmd after stage 1 (AC-DMD), step {args.cold_steps}", beta=beta)
-            for group in opt_generator.param_groups:
-                group["lr"] = args.lr_generator_rl
-            bar.set_description("rtdmd stage 2 (reward-tilted KL)")
+            if ema is not None:  # stage 2 starts from the cold start's EMA weights (the authors load generator_ema.pt)
+                with torch.no_grad():
+                    for p, e in zip(world.params("generator"), ema, strict=True):
+                        p.copy_(e)
+            ema = [p.detach().clone() for p in world.params("generator")] if args.ema_decay_rl > 0 else None
+            opt_generator, opt_fake = make_optimizers(world, args, 2)
+            bar.set_description(f"rtdmd stage 2 ({args.stage2_recipe})")
             if not args.progress:
-                print(f"rtdmd: stage 2 (reward-tilted KL, beta={args.beta}) from step {step}")
+                print(f"rtdmd: stage 2 ({args.stage2_recipe} recipe, beta={args.beta}) from step {step}")
         try:
-            losses = train_step(world, args, schedule, stage, opt_generator, opt_fake)
+            losses = train_step(world, args, schedule, stage, opt_generator, opt_fake, ema if stage == 1 else None, tilted)
         except FloatingPointError as err:
             log.close()
             raise FloatingPointError(
                 f"{err} at step {step} (stage {stage}); stopped. The last good checkpoint is {run_dir / 'checkpoint'}"
             ) from None
+        if stage == 2 and ema is not None:
+            ema_update_rl(ema, world.params("generator"), step - args.cold_steps, args.ema_decay_rl, args.ema_every_rl,
+                          args.ema_repeats_rl)
         if step % args.log_every == 0:
             record({"step": step, "stage": stage, "time": time.time() - start, **losses})
-            bar.set_postfix(dm=f"{losses['dm_loss']:.2e}", fake=f"{losses['fake_loss']:.3f}")
+            bar.set_postfix(dm=f"{losses['dm_loss']:.2e}", reward=f"{losses.get('reward', float('nan')):.3f}")
         if lead and (step % args.eval_every == 0 or step == args.cold_steps or step == total):
-            samples, cond, metrics = evaluate(world, schedule, args.eta, args.eval_samples, args.seed + 1, beta)
+            with ema_weights(world, ema):
+                samples, cond, metrics = evaluate(world, schedule, args.eta, args.eval_samples, args.seed + 1, beta)
             record({"step": step, "stage": stage, "time": time.time() - start, **metrics})
             bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}",
                             **({"ed": f"{metrics['energy_distance']:.4f}"} if "energy_distance" in metrics else {}))
-            save_checkpoint(world, run_dir, step)
+            save_run_checkpoint(world, run_dir, step, ema)
     log.close()
     if not lead:  # data parallel: the other ranks stop here; rank 0 writes the figures
-        return {"run_dir": None, "history": history, "final": history[-1] if history else {}, "world": world}
+        return {"run_dir": None, "history": history, "final": history[-1] if history else {}, "world": world, "ema": ema}
 
     world.plot_samples(samples, run_dir / "samples.png",
                        f"rtdmd, {args.student_steps}-step student, beta={args.beta}, step {total}", beta=beta)
@@ -868,7 +1241,7 @@ def main(args, world=None):
     final = {k: v for k, v in history[-1].items()}
     print(f"rtdmd: done in {time.time() - start:.1f} s -> {run_dir}")
     print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
-    return {"run_dir": run_dir, "history": history, "final": final, "world": world}
+    return {"run_dir": run_dir, "history": history, "final": final, "world": world, "ema": ema}
 
 
 if __name__ == "__main__":
