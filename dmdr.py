@@ -65,7 +65,47 @@ The algorithm (paper v2 section numbers and equations; the authors' values: note
     --no-dmd drops L_dmd in stage 2 (the "RL only" ablation; the fake score is then not updated).
     Stage 2 has its own batch size and learning rates where the authors' scripts do (SD3: 4, 5e-7 / 2e-7).
 
-Measured on the toy: see MEASURED below the imports (tests/test_dmdr.py and tests/test_dmdr_claims.py reproduce it).
+Measured on the toy (ring8, s = 0.25, linear reward r = x_1; teacher samples: mean reward 0, log-density -2.13;
+energy-distance floor 0.0013; tests/test_dmdr_claims.py and tests/test_dmdr_claims_stage2.py; seeds 0 / 1 / 2):
+    `python dmdr.py` (1-step student, 600 + 300 updates of 256): ~30 s of CPU, one thread.
+    stage 1, 600 updates from the teacher-initialised student (energy distance 1.44: every sample on the mixture mean):
+        RT-DM 0.053 / 0.044 / 0.048, plain DMD (with DynaDG + DynaRS) 0.032 / 0.023 / 0.021; mean reward at updates
+        200 / 400 / 600: RT-DM 0.03 -0.12 -0.09 | 0.18 -0.15 -0.25 | 0.01 0.01 0.21, DMD -0.02 0.05 -0.15 | 0.08 0.04
+        -0.03 | -0.08 -0.02 -0.12. Not reproduced: RT-DM's faster preference alignment at a fixed budget (v2 fig. 5).
+        RT-DM's fixed point, 1600 updates: energy distance to p 0.035 / 0.025 / 0.023, to the tilted teacher its weights
+        would imply (beta / std_p(r) = 0.69) 0.50 / 0.65 / 0.67, mean reward over updates 800-1600 -0.02 / 0.04 / -0.07
+        (the tilt's: 1.18). RT-DM slows the escape from the collapse (its std-normalised weights are as strong on a
+        collapsed batch as on a diverse one) and, with K >= 2, destabilises the toy: K = 2 diverges on seeds 0 and 1
+        with either ||r|| (and at beta 0.5), K = 4 ode on seed 1 with dynamic_steps 150.
+    cold start (v1 table 4, v2 fig. 6), no RT-DM, lora_scale_f 2 in every arm, energy distance at updates 150 / 300 /
+        600 (dynamic_steps 300), mean of seeds 0-2: plain 0.33 / 0.18 / 0.016, DynaDG 0.36 / 0.068 / 0.031, DynaRS
+        1.10 / 0.24 / 0.058, both 0.34 / 0.26 / 0.025; first evaluation below 1.0 (every 25, seeds 0-5): plain 75-100,
+        DynaDG 75-100, DynaRS 125-275, both 75-200. Not reproduced: the dynamics do not speed the toy's cold start up;
+        DynaRS stalls it (at high noise the outward signal that expands a collapsed student is 0.6-0.7 of DMD2's per
+        unit of noise, computed with exact scores). DynaDG alone is ahead at dynamic_steps on every seed, behind at 600.
+    stage 2, 300 updates from the same stage-1 checkpoint, mean reward / teacher log-density (seeds 0 / 1; the start:
+        -0.09 / -4.26 and -0.25 / -3.19):
+        DMD only -0.07 / -3.23 and -0.24 / -3.41; DMD + ReFL (lambda 0.3, margin 3) 1.03 / -4.71 and 0.78 / -3.70
+        (8 modes); DMD + ReFL at the paper's 0.5: 1.34 / -5.08 and 1.23 / -5.35 (32-33% of samples off the ring);
+        DMD + DPO (0.5) 0.41 / -4.21 and 0.38 / -3.57 (8 modes); ReFL alone 10.2 / -605 and 14.1 / -1296 (every
+        sample off the ring); DPO alone 4.3 / -71 and 2.6 / -35.
+        GRPO (K >= 2; K = 4, 300 + 300 updates, seed 0): joint at lambda 0.5 swings (sde: reward 1.0 -> -1.8, 1-4 modes)
+        or diverges (ode); at 0.05 it stays on the ring without a steady reward gain (-0.12 / 0.91 / -0.13 at 100 /
+        200 / 300). Not reproduced: a stable joint DMD + GRPO on the toy.
+    the hacking boundary of joint DMD + ReFL (stage 2 from a plain cold start, seeds 0 / 1): linear reward (raised on
+        the ring by reweighting modes): on the ring for lambda <= 0.3 at margins 2, 3 and none; from lambda 1 at the
+        margin (margin 2: collapse onto the right-hand modes, on the ring; 3: every sample at x_1 = 3, off; none:
+        diverges). Radius reward (raised only off the ring): margin 2 (the ring itself) on the ring at every lambda up
+        to 3; margin 3 or none: 9-23% off at lambda 0.1, 28-47% at 0.3, every sample at the margin or diverging from 1.
+    backward simulation, K = 4, 600 updates (DynaDG + DynaRS, no RT-DM): DMD2's sde 0.026 / 0.119 / 0.033 (from its
+        teacher-initialised 0.029: the fake tracks the mixture of the 4 steps), the authors' ode 0.0057 / 0.0036 /
+        0.0097 (from 0.018; seed 0 at 700-900 updates: 0.002-0.003). The ode-trained student sampled with sde: 0.023
+        / 0.011 / 0.018. Not reproduced at K = 2: the ode student diverges (seed 0 after update 600, seed 2 before it; seed 1
+        intact at 600):
+        the generator never trains on its own Euler states (only on re-noised final samples), and at K = 2 its second
+        step sees 0.5 G(z) + 0.5 z, far from 0.5 x + 0.5 eps.
+The toy's default sampler is sde: at its default K = 1 the two are the same algorithm, and eval.py samples dmdr runs
+with DMD2's sampler. With --student-steps 4 pass --sampler ode (the measurements above).
 
 Conventions: sigma in [0, 1], sigma = 1 is pure noise. Flow worlds (toy flow, SD3): x = (1 - sigma) x0 + sigma eps.
 VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1] maps to sigma = world.sigma(t)
@@ -197,8 +237,8 @@ class Args:
     rl: str = "refl"
     """stage-2 RL loss: refl, dpo, grpo (group-normalised REINFORCE), none"""
     lambda_rl: Optional[float] = None
-    """weight of the RL loss, L = L_dmd + lambda_rl * L_rl (eq. 3) (toy2d: 0.5, the paper's; text-to-image: 1, the weights
-    are in --t2i-reward as the authors' scripts have them)"""
+    """weight of the RL loss, L = L_dmd + lambda_rl * L_rl (eq. 3) (toy2d: 0.3, below the measured hacking boundary, where
+    the paper's 0.5 already crosses it; text-to-image: 1, the weights are in --t2i-reward as the authors' scripts have them)"""
     refl_margin: Optional[float] = None
     """ReFL's hinge: L_rl = mean relu(margin - r) (toy2d: 3.0, above every mode's reward as the authors' 0.7 is above every
     CLIP / HPS score; inf: -mean r). Text-to-image: none, the caps of --t2i-reward are the hinge"""
@@ -234,10 +274,12 @@ _SD3 = dict(student_steps=4, sampler="ode", guidance_jitter=0.5, dynamic_steps=2
 MODEL_DEFAULTS = {
     # toy2d: a 1-step student, the toy's cold start (teacher-initialised it maps every noise to the mixture mean, energy
     # distance 1.44, as a few-step SD3 student starts from blurry averages; a 4-step one already samples the ring at 0.028);
-    # ReFL's hinge margin 3.0 lies above every mode's reward (the best mode scores 2), as 0.7 lies above CLIP / HPS scores.
+    # ReFL's hinge margin 3.0 lies above every mode's reward (the best mode scores 2), as 0.7 lies above CLIP / HPS scores;
+    # lambda_rl 0.3: joint DMD + ReFL stays on the ring up to 0.3 and leaves it from 0.5-1 on (tests/test_dmdr_claims_stage2.py),
+    # a scale of the toy's losses (the paper's 0.5 is one of SD3's).
     "toy2d": dict(student_steps=1, sampler="sde", stage1_steps=600, stage2_steps=300, batch_size=256, lr_generator=1e-3,
                   lr_fake=1e-3, guidance_scale=1.0, guidance_jitter=0.0, dynamic_steps=300, eval_samples=4000,
-                  lambda_rl=0.5, refl_margin=3.0),
+                  lambda_rl=0.3, refl_margin=3.0),
     # SD3-Medium (sd3/scripts/*/cold_start_sd3.sh, dmdr_sd3_refl.sh): 4 steps at shift 3 with the ODE backward simulation,
     # 512 px, batch 8 then 4 per GPU, lr 1e-6 / 5e-7 then 5e-7 / 2e-7, real CFG 7 jittered U(6.5, 7.5), DynaDG 2.0 / 0.5
     # and DynaRS Beta(4, 1.5) over 2000 steps, ReFL hinges relu(0.7 - s) on CLIP and HPSv2.1 (HPS text "Realistic photo
@@ -301,7 +343,6 @@ def generator_sample(world, cond, sigmas, noise):
     with torch.no_grad():
         x_k = sample_student(world, cond, sigmas, noise, stop=k)
     return world.x0("generator", x_k, sigmas[k], cond), k
-
 
 
 # ---- the student's sampler: one rollout for every use (RT-DM, DPO, GRPO, the ode backward simulation, evaluation) ----
@@ -371,6 +412,10 @@ def evaluate_student(world, args, sigmas, n, seed):
     cond = world.sample_cond(n, gen)
     samples, _ = rollout(world, cond, sigmas, world.noise(cond, gen), sampler="ode")
     return samples, cond, world.evaluate(samples, cond)
+
+
+# ---- the DMD gradient and the fake score's loss (eq. 1) ----
+
 
 # Copied from dmd.py: dmd_grad
 def dmd_grad(x, x0_real, x0_fake):
@@ -466,6 +511,9 @@ def renoise_times(args, world, n, step, device, for_fake):
     return args.renoise_min + (args.renoise_max - args.renoise_min) * u
 
 
+# ---- the DMD term of both stages ----
+
+
 def real_guidance(args):
     """The real score's CFG for one generator update: guidance_scale, jittered U(g - j, g + j) (the authors' +-0.5)."""
     if args.guidance_jitter == 0:
@@ -505,6 +553,13 @@ def refl_hinge(reward, margin=None):
 def refl_loss(world, x0, cond, margin=None):
     """ReFL on the generator's x0 (n, ...), differentiated through it (the reward of the decoded sample on text-to-image)."""
     return refl_hinge(world.reward(x0, cond), margin)
+
+
+def refl_term(world, args, x0, cond):
+    """ReFL's L_rl on the DMD batch's x0 (n, ...) (the same backward-simulated outputs), the reward scored once."""
+    reward = world.reward(x0, cond)  # (n,) with grad: a decode and the reward models on text-to-image
+    check_finite(reward.mean(), "reward")
+    return refl_hinge(reward, args.refl_margin), reward.detach()
 
 
 def dpo_loss(err_w, err_l, err_w_ref, err_l_ref, beta):
@@ -650,7 +705,7 @@ def stage1_step(world, args, sigmas, step, opt_generator, opt_fake):
     return out
 
 
-RL_TERMS = {"dpo": dpo_term, "grpo": grpo_term}  # the rollout-based terms; refl differentiates the DMD batch's x0
+RL_TERMS = {"dpo": dpo_term, "grpo": grpo_term}  # on their own rollouts; refl_term differentiates the DMD batch's x0
 
 
 def stage2_step(world, args, sigmas, step, opt_generator, opt_fake, ref_values):
@@ -676,9 +731,7 @@ def stage2_step(world, args, sigmas, step, opt_generator, opt_fake, ref_values):
         out["dmd_loss"] = loss_dmd.item()
         total = total + loss_dmd
     if args.rl == "refl":
-        reward = world.reward(x0, cond)  # (n,) with grad, scored once (a decode and the reward models on text-to-image)
-        check_finite(reward.mean(), "reward")
-        loss_rl, reward = refl_hinge(reward, args.refl_margin), reward.detach()
+        loss_rl, reward = refl_term(world, args, x0, cond)
     if loss_rl is not None:
         check_finite(loss_rl, "rl_loss")
         out["rl_loss"] = loss_rl.item()
