@@ -67,7 +67,9 @@ The algorithm (paper v2 section numbers and equations; the authors' values: note
 
 Measured on the toy (ring8, s = 0.25, linear reward r = x_1; teacher samples: mean reward 0, log-density -2.13;
 energy-distance floor 0.0013; tests/test_dmdr_claims.py and tests/test_dmdr_claims_stage2.py; seeds 0 / 1 / 2):
-    `python dmdr.py` (1-step student, 600 + 300 updates of 256): ~30 s of CPU, one thread.
+    `python dmdr.py` (1-step student, 600 + 300 updates of 256): 34 s of CPU on one thread (83 s wall on 2 busy
+        cores); seed 0: energy distance 1.44 -> 0.050 after stage 1 (8 modes), then reward 0.67 (from -0.06) at
+        log-density -4.7 (from -4.2), 8 modes, after stage 2.
     stage 1, 600 updates from the teacher-initialised student (energy distance 1.44: every sample on the mixture mean):
         RT-DM 0.053 / 0.044 / 0.048, plain DMD (with DynaDG + DynaRS) 0.032 / 0.023 / 0.021; mean reward at updates
         200 / 400 / 600: RT-DM 0.03 -0.12 -0.09 | 0.18 -0.15 -0.25 | 0.01 0.01 0.21, DMD -0.02 0.05 -0.15 | 0.08 0.04
