@@ -32,13 +32,13 @@ The algorithm (paper v2 section numbers and equations; the authors' values: note
             reward gives exactly plain DMD). The paper leaves ||r|| open. Ours (--rt-dm-norm std): the batch's standard
             deviation of r, so that the weights are invariant to r -> r + c and r -> a r (a > 0); the paper-literal
             uncentred RMS (--rt-dm-norm rms) makes them depend on the reward's offset: CLIP / HPS cosines (mean 0.2, std
-            0.01) give weights 0.93-1.03, a no-op.
+            0.01) give weights within ~0.9-1.1, a tilt 20x weaker than the std form's (std / rms = 0.05), a near no-op.
             What RT-DM is: a reweighting of the DMD dynamics, not a new target. Eq. 4's second line does not follow
             from its first: multiplying each sample's gradient s_real - s_fake by a positive weight does not move the
             gradient's zero, so with exact scores the student still converges to the UNTILTED teacher p (where
             s_fake = s_real for every sample), never to p exp(r) / Z. What it changes is the path: samples with a high
             reward take larger steps, so at a fixed budget the reward can be higher (the paper's fig. 5 is at a fixed
-            budget). Both are measured on the toy (tests/test_dmdr.py).
+            budget). Both are measured on the toy (below): the fixed point holds, the fixed-budget gain does not show.
         DynaDG (sec. 2.5): real score = teacher + lora_scale_r(step) * FAKE adapter (with CFG), with
             lora_scale_r(step) = lora_scale_r0 * 0.5 (1 + cos(pi step / dynamic_steps)), 0 from dynamic_steps on;
             fake score = teacher + lora_scale_f * fake adapter (also the scale the fake-score loss trains it at).
@@ -102,10 +102,10 @@ energy-distance floor 0.0013; tests/test_dmdr_claims.py and tests/test_dmdr_clai
     backward simulation, K = 4, 600 updates (DynaDG + DynaRS, no RT-DM): DMD2's sde 0.026 / 0.119 / 0.033 (from its
         teacher-initialised 0.029: the fake tracks the mixture of the 4 steps), the authors' ode 0.0057 / 0.0036 /
         0.0097 (from 0.018; seed 0 at 700-900 updates: 0.002-0.003). The ode-trained student sampled with sde: 0.023
-        / 0.011 / 0.018. Not reproduced at K = 2: the ode student diverges (seed 0 after update 600, seed 2 before it; seed 1
-        intact at 600):
-        the generator never trains on its own Euler states (only on re-noised final samples), and at K = 2 its second
-        step sees 0.5 G(z) + 0.5 z, far from 0.5 x + 0.5 eps.
+        / 0.011 / 0.018. Not reproduced at K = 2: the ode student
+        diverges (seed 0 after update 600, seed 2 before it; seed 1 intact at 600): the generator never trains on its
+        own Euler states (only on re-noised final samples), and at K = 2 its second step sees 0.5 G(z) + 0.5 z, far from
+        the 0.5 x + 0.5 eps it trains on.
 The toy's default sampler is sde: at its default K = 1 the two are the same algorithm, and eval.py samples dmdr runs
 with DMD2's sampler. With --student-steps 4 pass --sampler ode (the measurements above).
 
