@@ -19,7 +19,9 @@ defaults of 1200-1600 so that 27 runs fit in 15 minutes); two-stage methods spen
 4-step student and 256 samples per generator update; every other option is the method file's toy default. The world is
 the toy default (ring8, linear reward r = x_1); the reward-tilted teacher is p exp(beta r) / Z with beta = 1 (rtdmd's
 own beta). Configurations:
-    dmd                   dmd.py: DMD2 distillation only (the baseline)
+    dmd                   dmd.py: DMD2 distillation only (the baseline), one fake score per student step (--fake-tracks
+                          per-step, the toy default)
+    dmd-mixture           dmd.py --fake-tracks mixture: DMD2's own estimator (one fake on a random step's outputs)
     dmdr                  dmdr.py: RT-DM + DynaDG + DynaRS cold start, then joint DMD + ReFL
     rtdmd                 rtdmd.py: AC-DMD cold start, then reward-tilted KL with SubGRPO (M = 2) + L_det
     gdmd                  gdmd.py: plain-DMD cold start, then GDMD (rewards of the DMD targets)
@@ -28,7 +30,10 @@ own beta). Configurations:
                           alone (--no-dmd): distil first, fine-tune with RL after (sequential, not joint)
     dmdr-no-dyna          dmdr.py --no-dyna-dg --no-dyna-rs: DMDR without its cold-start schedules
     rtdmd-naive-grpo      rtdmd.py --naive-grpo: independent noise and every step in the estimator (no SubGRPO)
-    gdmd-raw-samples      gdmd.py --naive-fusion: the reward of the raw sample instead of the DMD targets
+    gdmd-raw-samples      gdmd.py --naive-fusion: the reward of the raw sample instead of the DMD targets (our
+                          baseline, not the paper's DMD + NFT on SDE rollouts)
+    gdmd-no-cold-start    gdmd.py --cold-start-steps 0: GDMD from the teacher-initialised student, the noisy early
+                          stage the abstract is about
 What to read in the table: ED to teacher / to tilted teacher (each with its floor ratio), mean reward against the
 tilted teacher's (its reference row), teacher log-density and off-manifold fraction (reward hacking sends both the
 wrong way), diversity against the teacher's.
@@ -42,15 +47,15 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, get_args
 
-import tyro
 from tqdm import tqdm
 
 STUDENT_STEPS = 4  # pinned here, not taken from the method files' defaults, so that every row is the same student
 BATCH_SIZE = 256  # samples per generator update (rtdmd's stage 2 uses groups x group_size = 16 x 16 = 256 as well)
-BENCH_CONFIGS = ("dmd", "dmdr", "rtdmd", "gdmd", "rl-only", "dmd-then-rl", "dmdr-no-dyna", "rtdmd-naive-grpo",
-                 "gdmd-raw-samples")
+BenchConfig = Literal["dmd", "dmd-mixture", "dmdr", "rtdmd", "gdmd", "rl-only", "dmd-then-rl", "dmdr-no-dyna",
+                      "rtdmd-naive-grpo", "gdmd-raw-samples", "gdmd-no-cold-start"]  # the configurations (see the top of this file); --help lists them
+BENCH_CONFIGS = get_args(BenchConfig)
 
 
 @dataclass
@@ -59,8 +64,8 @@ class Args:
     """generator updates per run (the shared budget); two-stage methods: half cold start, half the reward stage"""
     seeds: tuple[int, ...] = (0, 1, 2)
     """training seeds of every configuration"""
-    only: tuple[str, ...] = ()
-    """run only these configurations (default: all of BENCH_CONFIGS)"""
+    only: tuple[BenchConfig, ...] = ()
+    """run only these configurations (default: all nine)"""
     workers: int = 2
     """parallel training processes (one torch thread each)"""
     eval_samples: int = 4000
@@ -89,6 +94,8 @@ def method_args(config, steps, seed, beta, out_dir):
     dmdr_base = dict(stage1_steps=half, stage2_steps=steps - half, dynamic_steps=max(1, half // 2))  # toy: 300 of 600
     if config == "dmd":
         return "dmd", dict(num_steps=steps, **run)
+    if config == "dmd-mixture":
+        return "dmd", dict(num_steps=steps, fake_tracks="mixture", **run)
     if config == "dmdr":
         return "dmdr", dict(**dmdr_base, **run)
     if config == "rl-only":
@@ -105,6 +112,8 @@ def method_args(config, steps, seed, beta, out_dir):
         return "gdmd", dict(num_steps=steps, cold_start_steps=half, **run)
     if config == "gdmd-raw-samples":
         return "gdmd", dict(num_steps=steps, cold_start_steps=half, naive_fusion=True, **run)
+    if config == "gdmd-no-cold-start":
+        return "gdmd", dict(num_steps=steps, cold_start_steps=0, **run)
     raise ValueError(f"unknown benchmark configuration {config!r}; valid: {', '.join(BENCH_CONFIGS)}")
 
 
@@ -209,6 +218,37 @@ def plot_reward_vs_logp(agg, refs, path, xlim=(-10.0, -1.5), ylim=(-0.5, 3.0)):
     plt.close(fig)
 
 
+def plot_student_steps(rows, configs, path, eval_samples, eval_seed, max_points=2000):
+    """The K steps' x0 outputs side by side (seed 0 of every configuration whose method samples with dmd.py's K-step
+    sampler: dmd, dmdr, gdmd), one row per configuration, with each step's energy distance to the teacher."""
+    import importlib
+
+    import eval as ev
+
+    panels, names = [], []
+    for c in configs:
+        run = next((r for r in sorted(rows, key=lambda r: r["seed"]) if r["config"] == c and "failed" not in r), None)
+        if run is None:
+            continue
+        loaded = ev.load_run(run["run_dir"], allow_new_options=True)
+        module = importlib.import_module(loaded["method"])
+        if "every_step" not in module.sample_student.__code__.co_varnames:
+            continue
+        world, args = loaded["world"], loaded["args"]
+        gen = __import__("torch").Generator().manual_seed(eval_seed)
+        cond = world.sample_cond(eval_samples, gen)
+        outputs = module.sample_student(world, cond, module.student_sigmas(world, args.student_steps),
+                                        world.noise(cond, gen), generator=gen, every_step=True)
+        metrics = world.evaluate(outputs[-1], cond, steps=outputs)
+        panels.append([(f"{c}: step {k} (ED {metrics[f'energy_distance_step{k}']:.3g})", x[:max_points])
+                       for k, x in enumerate(outputs)])
+        names.append(c)
+    if panels:
+        flat = [p for row in panels for p in row]
+        ev.plot_panels(flat, world, path, None, "every student step's x0 output (seed 0; the last is the sample)")
+    return names
+
+
 def run_jobs(args, configs, out_dir):
     """Train and evaluate every (configuration, seed) in worker processes; each row is appended to bench_rows.jsonl
     as it finishes. Returns rows, {(config, seed): samples}, wall seconds, CPU seconds of the workers."""
@@ -246,18 +286,33 @@ def load_report(out_dir, eval_samples, eval_seed):
     return rows, samples, old.get("wall_seconds", float("nan")), old.get("cpu_seconds", float("nan")), old.get("steps")
 
 
+def validate(args):
+    """Every check that can fail before any work starts (the command line prints its error on one line)."""
+    for c in args.only:
+        if c not in BENCH_CONFIGS:
+            raise ValueError(f"unknown benchmark configuration {c!r}; valid: {', '.join(BENCH_CONFIGS)}")
+    if args.steps < 2 or not args.seeds or args.workers < 1:
+        raise ValueError(f"need steps >= 2, at least one seed and workers >= 1; got steps {args.steps}, seeds "
+                         f"{list(args.seeds)}, workers {args.workers}")
+    if args.eval_samples < 2:
+        raise ValueError(f"eval_samples must be >= 2, got {args.eval_samples}")
+    if not args.beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {args.beta}")
+    if args.report is not None:
+        if not (Path(args.report) / "bench_rows.jsonl").is_file():
+            raise FileNotFoundError(f"--report {args.report}: no bench_rows.jsonl there (not a benchmark directory)")
+    elif args.out_dir is not None and Path(args.out_dir).exists():
+        raise FileExistsError(f"--out-dir {args.out_dir} exists; a benchmark directory is never overwritten")
+
+
 def main(args):
     import torch
 
     import eval as ev
 
     torch.set_num_threads(1)
+    validate(args)
     configs = list(args.only) or list(BENCH_CONFIGS)
-    for c in configs:
-        if c not in BENCH_CONFIGS:
-            raise ValueError(f"unknown benchmark configuration {c!r}; valid: {', '.join(BENCH_CONFIGS)}")
-    if args.steps < 2 or not args.seeds or args.workers < 1:
-        raise ValueError("need steps >= 2, at least one seed and workers >= 1")
     if args.report is not None:
         out_dir = Path(args.report)
         rows, samples, wall, cpu, steps = load_report(out_dir, min(args.eval_samples, 2000), args.eval_seed)
@@ -301,10 +356,14 @@ def main(args):
     ev.plot_panels(panels, world, out_dir / "bench_samples.png", args.beta,
                    f"toy benchmark, {args.steps} generator updates (tilted teacher dashed)")
     plot_reward_vs_logp(agg, refs, out_dir / "bench_reward_vs_logp.png")
+    with __import__("torch").no_grad():
+        plot_student_steps(rows, configs, out_dir / "bench_steps.png", min(args.eval_samples, 2000), args.eval_seed)
     print(text)
-    print(f"bench: wrote bench.md, bench.json, bench_samples.png, bench_reward_vs_logp.png to {out_dir}")
+    print(f"bench: wrote bench.md, bench.json, bench_samples.png, bench_reward_vs_logp.png, bench_steps.png to {out_dir}")
     return {"out_dir": out_dir, "rows": rows, "aggregate": agg, "references": refs, "wall_seconds": wall}
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    import eval as ev
+
+    ev.cli_main(main, Args, validate)

@@ -177,6 +177,10 @@ class Args:
     """toy class labels (mode k has label k % toy_classes); 0: unconditional"""
     toy_reward: str = "linear"
     """toy reward: linear (r = d . x), quadratic (r = -|x - c|^2 / 2), radius (r = |x|, raised only off the ring)"""
+    toy_reward_angle: float = 0.0
+    """toy linear reward's direction in degrees from the x axis: r = cos(a) x_1 + sin(a) x_2"""
+    toy_reward_target: tuple[float, float] = (2.0, 0.0)
+    """toy quadratic reward's target point c: r = -|x - c|^2 / 2"""
     # ---- student and DMD ----
     student_steps: Optional[int] = None
     """K, the number of student sampling steps (pre-shift levels 1, 1 - 1/K, ..., 1/K) (toy2d: 1; text-to-image: 4)"""
@@ -213,6 +217,12 @@ class Args:
     """with --no-dyna-rs: highest pre-shift time of the DMD renoise (DMD2: 0.98)"""
     grad_clip: float = 1.0
     """gradient-norm clipping of both adapters (0: off)"""
+    micro_batch_size: Optional[int] = None
+    """split every forward / backward of a batch into chunks of this many samples whose gradients accumulate into one
+    optimiser step (the same update as the whole batch); None: the whole batch at once"""
+    gradient_checkpointing: bool = True
+    """text-to-image: recompute the network's blocks (and the reward decode) in backward, to save memory;
+    --no-gradient-checkpointing keeps the activations (~17% less time per step, measured on CPU)"""
     # ---- stage 1: RT-DM, DynaDG, DynaRS ----
     rt_dm: bool = True
     """stage 1: reward-tilted DM (eq. 4), DMD gradient weighted by exp(beta r / ||r||) (--no-rt-dm: plain DMD)"""
@@ -322,28 +332,35 @@ def student_sigmas(world, student_steps):
 
 
 # Copied from dmd.py: sample_student
-def sample_student(world, cond, sigmas, noise, generator=None, stop=None):
+def sample_student(world, cond, sigmas, noise, generator=None, stop=None, every_step=False, noises=None):
     """K-step student sampling (DMD2's multi-step sampler): x0 = G(x, sigma_k), then renoise x0 to sigma_{k+1}
-    with fresh noise. With stop=k, returns the state x at level sigma_k instead (backward simulation input)."""
+    with fresh noise (noises[k] when given: pre-drawn (n, ...) tensors, so that a micro-batched update draws exactly what
+    the whole batch would). Returns the final x0; with stop=k, the state x at level sigma_k instead (backward
+    simulation input); with every_step, the list of all K steps' x0 outputs (the last one is the final sample)."""
     x = noise
+    outputs = []
     for k, sigma in enumerate(sigmas):
         if k == stop:
             return x
         x0 = world.x0("generator", x, sigma, cond)
+        outputs.append(x0)
         if k + 1 < len(sigmas):
-            where = generator.device if generator is not None else x0.device  # a CPU generator with a CUDA world
-            eps = torch.randn(x0.shape, generator=generator, device=where, dtype=x0.dtype).to(x0.device)
+            if noises is not None:
+                eps = noises[k]
+            else:
+                where = generator.device if generator is not None else x0.device  # a CPU generator with a CUDA world
+                eps = torch.randn(x0.shape, generator=generator, device=where, dtype=x0.dtype).to(x0.device)
             x = world.renoise(x0, sigmas[k + 1], eps)
-    return x0
+    return outputs if every_step else x0
 
 
 # Copied from dmd.py: generator_sample
-def generator_sample(world, cond, sigmas, noise):
-    """Backward simulation: pick a student step k, run the steps before it without grad, and return the generator's
-    x0 at step k WITH grad (the only step that is trained on this batch) and k."""
-    k = int(torch.randint(len(sigmas), (1,)))
+def generator_sample(world, cond, sigmas, noise, step=None, noises=None):
+    """Backward simulation: at student step k (step=None: a random one, DMD2), run the steps before it without grad,
+    and return the generator's x0 at step k WITH grad (the only step that is trained on this batch) and k."""
+    k = int(torch.randint(len(sigmas), (1,))) if step is None else step
     with torch.no_grad():
-        x_k = sample_student(world, cond, sigmas, noise, stop=k)
+        x_k = sample_student(world, cond, sigmas, noise, stop=k, noises=noises)
     return world.x0("generator", x_k, sigmas[k], cond), k
 
 
@@ -437,12 +454,13 @@ def dmd_loss(x, grad):
 
 
 # Copied from dmd.py: fake_score_loss
-def fake_score_loss(world, x0, cond, t, adapter_scale=1.0):
-    """The plain diffusion loss of the fake score on (detached) samples x0 at pre-shift times t (n,): renoise, predict,
-    weight the x0 error into the model's native loss (flow: velocity, 1/sigma^2; VP: eps, alpha^2/sigma^2)."""
+def fake_score_loss(world, x0, cond, t, adapter_scale=1.0, role="fake", eps=None):
+    """The plain diffusion loss of the fake score on (detached) samples x0 at pre-shift times t (n,): renoise (with eps,
+    or fresh noise), predict, weight the x0 error into the model's native loss (flow: velocity, 1/sigma^2; VP: eps,
+    alpha^2/sigma^2)."""
     sigma = world.sigma(t)
-    x_t = world.renoise(x0, sigma, torch.randn_like(x0))
-    x0_fake = world.x0("fake", x_t, sigma, cond, adapter_scale=adapter_scale)
+    x_t = world.renoise(x0, sigma, torch.randn_like(x0) if eps is None else eps)
+    x0_fake = world.x0(role, x_t, sigma, cond, adapter_scale=adapter_scale)
     per_sample = ((x0_fake - x0) ** 2).flatten(1).mean(1)
     return (world.loss_weight(sigma) * per_sample).mean()
 
@@ -578,10 +596,11 @@ def denoising_error(world, x0, x_t, sigma, cond):
     return world.loss_weight(sigma) * ((x0_pred - x0) ** 2).flatten(1).mean(1)
 
 
+# Copied from dmd.py: swapped_params
 @contextlib.contextmanager
 def swapped_params(params, values):
     """Temporarily copy `values` into `params` (no grad), restoring the originals on exit: evaluates a frozen
-    snapshot of an adapter through the world's own role, on any world."""
+    snapshot of an adapter (an EMA, a reference policy) through the world's own role, on any world."""
     with torch.no_grad():
         saved = [p.detach().clone() for p in params]
         for p, v in zip(params, values, strict=True):
@@ -590,8 +609,8 @@ def swapped_params(params, values):
         yield
     finally:
         with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
+            for p, v in zip(params, saved, strict=True):
+                p.copy_(v)
 
 
 def dpo_rl_loss(world, cond, x_w, x_l, sigmas, ref_values, beta):
@@ -750,14 +769,26 @@ def stage2_step(world, args, sigmas, step, opt_generator, opt_fake, ref_values):
 
 # Copied from dmd.py: check_finite
 def check_finite(loss, name):
-    if not torch.isfinite(loss):
+    """Raise FloatingPointError on a non-finite loss. Under torchrun every rank makes the same checks in the same order,
+    and a tiny all-reduce makes all of them stop together (a rank left waiting in the next all-reduce would hang until
+    the NCCL timeout)."""
+    bad = not bool(torch.isfinite(loss))
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        flag = torch.tensor([float(bad)], device=loss.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            where = f"on rank {torch.distributed.get_rank()}" if bad else "on another rank"
+            raise FloatingPointError(f"{name} is {loss.item() if bad else 'non-finite'} {where}")
+    elif bad:
         raise FloatingPointError(f"{name} is {loss.item()}")
 
 
 # Copied from dmd.py: sync_and_clip
 def sync_and_clip(params, max_norm):
     """Average the gradients over the data-parallel ranks (torchrun; a no-op in one process), then clip their norm
-    (0: off). Every rank then takes the same optimiser step: the adapters stay identical on every rank."""
+    (0: off) and return it (before clipping). Every rank then takes the same optimiser step: the adapters stay
+    identical on every rank."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce for the whole adapter
@@ -765,8 +796,8 @@ def sync_and_clip(params, max_norm):
         flat /= torch.distributed.get_world_size()
         for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
             p.grad = chunk.view_as(p).clone()
-    if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm)  # the norm before clipping (metrics.jsonl's grad_norm)
 
 
 # Copied from dmd.py: setup_distributed
@@ -885,7 +916,7 @@ def set_hps_prefix(world, prefix):
 def validate_t2i(args):
     """The text-to-image options, checked without loading anything (t2i's presets and reward specs are plain data)."""
     import t2i
-    from t2i.rewards import check_packages, parse_checkpoints, parse_spec
+    from t2i.rewards import check_checkpoints, check_packages, parse_checkpoints, parse_spec
 
     t2i.get_preset(args.model)
     for name in ("prompts", "eval_prompts"):
@@ -897,7 +928,7 @@ def validate_t2i(args):
         if getattr(args, name) is None:
             raise ValueError(f"{name} has no default for model {args.model}: pass --{name.replace('_', '-')}")
     check_packages(parse_spec(args.t2i_reward))  # hpsv2 / image-reward missing: say so before loading anything
-    parse_checkpoints(args.reward_checkpoints)
+    check_checkpoints(parse_checkpoints(args.reward_checkpoints))  # a missing local path: say so before any model loads
     for name in ("lora_rank", "lora_alpha", "fake_lora_rank", "fake_lora_alpha"):
         if not getattr(args, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
@@ -906,15 +937,17 @@ def validate_t2i(args):
 
 
 # Copied from dmd.py: make_world
-def make_world(args, device):
-    """The world named by --model: the toy, or a text-to-image preset (imported only then: the toy path stays light)."""
+def make_world(args, device, n_fakes=1):
+    """The world named by --model: the toy, or a text-to-image preset (imported only then: the toy path stays light),
+    with n_fakes fake-score adapters (fake, fake1, ...: one per student step for --fake-tracks per-step)."""
     if args.model == "toy2d":
         import toy2d
 
         torch.set_num_threads(1)  # 2-D toy tensors: thread hand-offs cost more than they save (13x on 2 busy cores)
         return toy2d.ToyWorld(
             mixture=args.toy_mixture, spread=args.toy_spread, path=args.toy_path, n_classes=args.toy_classes,
-            reward=args.toy_reward, seed=args.seed, device=device,
+            reward=args.toy_reward, reward_angle=args.toy_reward_angle, reward_target=tuple(args.toy_reward_target),
+            n_fakes=n_fakes, seed=args.seed, device=device,
         )
     if args.model in MODELS:
         import t2i
@@ -924,12 +957,12 @@ def make_world(args, device):
             args.model, model_path=args.model_path, prompts=args.prompts, eval_prompts=args.eval_prompts,
             resolution=args.resolution, reward=args.t2i_reward, reward_checkpoints=parse_checkpoints(args.reward_checkpoints),
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, fake_lora_rank=args.fake_lora_rank,
-            fake_lora_alpha=args.fake_lora_alpha, seed=args.seed, device=device,
+            fake_lora_alpha=args.fake_lora_alpha, n_fakes=n_fakes, seed=args.seed, device=device,
+            gradient_checkpointing=args.gradient_checkpointing, decode_chunk=args.micro_batch_size,
         )
     raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
 
 
-# Copied from dmd.py: make_run_dir
 def make_run_dir(args, method):
     name = args.run_name or f"{method}__{args.model}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.output_dir) / name
@@ -940,12 +973,22 @@ def make_run_dir(args, method):
 
 
 # Copied from dmd.py: save_checkpoint
-def save_checkpoint(world, run_dir, step):
-    """Write both adapters to checkpoint/ atomically: a crash mid-save leaves the previous checkpoint intact."""
+def save_checkpoint(world, run_dir, step, training_state=None, ema=None):
+    """Write every adapter (generator, fake scores) and the training state (optimisers, schedulers, stage counters, RNG
+    states: what --resume needs) to checkpoint/ atomically. With a generator EMA (ema: its values, aligned with
+    world.params("generator")), generator/ holds the EMA weights (what evaluation and a stock pipeline use) and
+    raw/generator/ the trained ones. state.json is written last: a checkpoint directory without it is incomplete."""
     tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    for role in ("generator", "fake"):
-        world.save(role, tmp)
+    for role in world.adapter_roles:
+        if role == "generator" and ema is not None:
+            world.save(role, tmp / "raw")
+            with swapped_params(world.params("generator"), ema):
+                world.save(role, tmp)
+        else:
+            world.save(role, tmp)
+    if training_state is not None:
+        torch.save({**training_state, "ema": ema}, tmp / "training_state.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     if final.exists():
         os.replace(final, old)
@@ -956,12 +999,13 @@ def save_checkpoint(world, run_dir, step):
 # Copied from dmd.py: evaluate
 @torch.no_grad()
 def evaluate(world, sigmas, n, seed):
-    """Student samples from fixed noise (same seed every time, so curves compare) and the world's metrics."""
+    """Student samples from fixed noise (same seed every time, so curves compare) and the world's metrics of the final
+    samples (and, K > 1, of every step's x0 output and of their mixture: world.evaluate's steps)."""
     gen = torch.Generator().manual_seed(seed)
     cond = world.sample_cond(n, gen)
     noise = world.noise(cond, gen)
-    samples = sample_student(world, cond, sigmas, noise, generator=gen)
-    return samples, cond, world.evaluate(samples, cond)
+    outputs = sample_student(world, cond, sigmas, noise, generator=gen, every_step=True)
+    return outputs[-1], cond, world.evaluate(outputs[-1], cond, steps=outputs if len(outputs) > 1 else None)
 
 
 def set_learning_rates(optimizer, lr):

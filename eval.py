@@ -9,7 +9,8 @@ What it does, for every run directory:
     1. reads config.json and checks it against the `Args` of the method file named by its "method" key (dmd.py,
        dmdr.py, rtdmd.py, gdmd.py): a key the method does not know, or a key it lacks, means the config comes from
        another method or another version of the file, and is a clear error rather than a silently different world
-       (--allow-new-options: options the file gained after the run take their defaults, and the table says so);
+       (--allow-new-options: options the file gained after the run take their defaults, and the table says so); then
+       the method's own validate() checks the values;
     2. builds a fresh world with that method file's own make_world and loads the trained generator from checkpoint/
        (world.load; a run without one is a clear error);
     3. samples the K-step student with that method file's own sampler (dmd, dmdr, gdmd: the DMD2 multi-step sampler
@@ -22,6 +23,11 @@ What it does, for every run directory:
        distance, beside the teacher's own), plus a figure of the samples over the teacher's contours (tilted: dashed).
 With the default seed (None: the run's own evaluation noise, config seed + 1) and sample count (the run's
 eval_samples), eval.json reproduces the run's last evaluation in metrics.jsonl exactly: same noise, same reference.
+
+Runs of different toy worlds (e.g. ring8 beside grid25) are grouped by world: the table has a world column, each
+world has its own reference rows and its own figure (eval_samples.png, eval_samples_world2.png, ...), and eval.md says
+which runs each figure leaves out. Bad input (a missing run directory, a config its method refuses, --device cuda
+without CUDA) is one line, `error: <message>`, exit status 2, before any work.
 
 beta: the reward-tilted teacher needs a temperature. rtdmd has one (--beta, the tilt it trains toward); dmd, dmdr and
 gdmd do not (dmdr's rt_dm_beta scales r / ||r||, not r), so they are compared with the tilt at --beta (default 1.0).
@@ -44,18 +50,24 @@ import gc
 import importlib
 import json
 import math
+import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
+
+import dmd  # find_checkpoint: the checkpoint layout every method shares
 import tyro
 from tqdm import tqdm
 
-METHODS = ("dmd", "dmdr", "rtdmd", "gdmd")
-T2I_METRICS = ("clip", "pickscore", "hpsv2", "aesthetic", "imagereward")  # the papers' suite (t2i/rewards.py)  # method files eval can load (method files never import each other; eval may)
-CONFIG_META_KEYS = ("method", "version")  # config.json keys that are not Args fields
+METHODS = ("dmd", "dmdr", "rtdmd", "gdmd")  # method files eval can load (method files never import each other; eval may)
+T2IMetric = Literal["clip", "pickscore", "hpsv2", "aesthetic", "imagereward"]  # the papers' suite (t2i/rewards.py)
+T2I_METRICS = typing.get_args(T2IMetric)
+CONFIG_META_KEYS = ("method", "version", "provenance")  # config.json keys that are not Args fields (provenance: git
+# commit, package versions and the resolved device of the run)
 DEFAULT_BETA = 1.0
 
 
@@ -76,7 +88,7 @@ class Args:
     result lists them under "options_defaulted"); keys the method does not know are always an error"""
     reference: bool = True
     """add reference rows: exact teacher samples and exact tilted-teacher samples, measured the same way"""
-    metrics: tuple[str, ...] = T2I_METRICS
+    metrics: tuple[T2IMetric, ...] = T2I_METRICS
     """text-to-image: the metric suite (each is skipped, with its reason in the table, when its weights or package are
     missing): clip, pickscore, hpsv2, aesthetic, imagereward"""
     reward_checkpoints: Optional[str] = None
@@ -88,9 +100,28 @@ class Args:
     teacher: bool = True
     """text-to-image: also sample and score the teacher (speed and metric baselines, side-by-side grid)"""
     device: str = "auto"
-    """cpu, cuda, or auto (cuda when available)"""
+    """cpu, cuda (cuda:N), or auto (cuda when available)"""
     progress: bool = True
     """show a tqdm progress bar over runs"""
+
+
+# =====================================================================================================
+#                                   the command line
+# =====================================================================================================
+
+
+def cli_main(main, args_type, check, **main_kwargs):
+    """The command line: parse args_type with tyro, then check(args), then main(args, **main_kwargs). check holds the
+    validation, which runs before any work: its ValueError, FileNotFoundError or FileExistsError is the user's input,
+    printed as `error: <message>` on one line with exit status 2 (as tyro does for a bad flag), no traceback. The
+    same exceptions raised later, inside main, are crashes and keep their tracebacks."""
+    args = tyro.cli(args_type)
+    try:
+        check(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        raise SystemExit(2) from None
+    return main(args, **main_kwargs)
 
 
 # =====================================================================================================
@@ -145,7 +176,16 @@ def config_to_args(config, module, where="config.json", allow_new_options=False)
                          + (" (if only fields are missing: --allow-new-options gives them their defaults)." if not unknown
                             else "."))
     args = module.Args(**{k: config[k] for k in fields if k in config})
-    return module.resolve_defaults(args) if hasattr(module, "resolve_defaults") else args
+    args = module.resolve_defaults(args) if hasattr(module, "resolve_defaults") else args
+    if hasattr(module, "validate"):
+        # the method's own checks, so a config edited by hand fails here and not inside the world; where the run ran
+        # (its device, its run name, now taken) is not what eval uses, so those two are not re-checked
+        where_it_ran = {k: v for k, v in (("device", "auto"), ("run_name", None)) if k in fields}
+        try:
+            module.validate(dataclasses.replace(args, **where_it_ran))
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"{where}: {module.__name__}.py's validate refuses this config: {err}") from None
+    return args
 
 
 def check_run(run_dir, allow_new_options=False):
@@ -156,20 +196,47 @@ def check_run(run_dir, allow_new_options=False):
     config = read_config(run_dir)
     module = method_module(config["method"])
     args = config_to_args(config, module, run_dir / "config.json", allow_new_options)
-    ckpt = run_dir / "checkpoint"
+    ckpt = dmd.find_checkpoint(run_dir) or run_dir / "checkpoint"  # the last complete one, in every crash window (every
+    # method writes it with dmd.py's save_checkpoint, a marked copy)
     if not ((ckpt / "generator.pt").exists() or (ckpt / "generator").is_dir()):
         raise FileNotFoundError(f"{run_dir} has no checkpoint (no {ckpt / 'generator.pt'} or {ckpt / 'generator'}/): the "
                                 "run stopped before its first checkpoint, or this is not a finished run directory")
     defaulted = sorted({f.name for f in dataclasses.fields(module.Args)} - set(config))
     return {"run_dir": run_dir, "config": config, "method": config["method"], "module": module, "args": args,
-            "options_defaulted": defaulted}
+            "options_defaulted": defaulted, "checkpoint": ckpt}
+
+
+def resolve_device(device):
+    """auto -> cuda when available, else cpu; a CUDA device on a torch without one is a clear error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) has no CUDA device; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def check_args(args):
+    """Everything eval can check before any work: the options, and every run directory (check_run). Returns the
+    checked runs."""
+    if not args.run_dirs:
+        raise ValueError("give at least one run directory")
+    resolve_device(args.device)
+    if args.samples is not None and args.samples < 2:
+        raise ValueError(f"--samples must be >= 2, got {args.samples}")
+    if args.beta is not None and not args.beta >= 0:
+        raise ValueError(f"--beta must be >= 0, got {args.beta}")
+    if args.teacher_steps is not None and args.teacher_steps < 1:
+        raise ValueError(f"--teacher-steps must be >= 1, got {args.teacher_steps}")
+    return [check_run(run_dir, args.allow_new_options) for run_dir in args.run_dirs]
 
 
 def load_run(run_dir, device="cpu", allow_new_options=False):
     """check_run, then a fresh world built by the method file's own make_world with the trained generator loaded
     (world.load) and the checkpoint's step. Text-to-image worlds load their weights from the run's --model-path."""
     run = check_run(run_dir, allow_new_options)
-    ckpt = run["run_dir"] / "checkpoint"
+    ckpt = run["checkpoint"]
     world = run["module"].make_world(run["args"], device)
     world.load("generator", ckpt)
     state = ckpt / "state.json"
@@ -291,16 +358,46 @@ def reference_results(world, n, beta, seed=4321):
 TEACHER_STEPS = {"sd3": 28, "sdxl": 50}  # the diffusers pipelines' default num_inference_steps
 
 
+def teacher_sigmas(world, steps):
+    """The noise levels (highest first) at which the stock pipeline evaluates the teacher for `steps` inference steps:
+    its own scheduler (the class named in the model's scheduler config) after set_timesteps(steps), as the pipeline
+    calls it. SD3 (FlowMatchEulerDiscreteScheduler): its sigmas without the final 0, 1 ... ~0.009 for 28 steps with
+    shift 3 (the shift is applied to a grid that already ends at the shifted sigma_min); with dynamic shifting, mu as
+    the pipeline computes it from the latent size. SDXL (EulerDiscreteScheduler, "leading" spacing): the timesteps
+    981, 961, ..., 1 for 50 steps, as VP levels sqrt(1 - alphas_cumprod[t]). A world without a pipeline scheduler
+    (the toy): the pre-shift levels 1, 1 - 1/steps, ..., 1/steps."""
+    if getattr(world, "scheduler_config", None) is None:
+        return [float(world.sigma(torch.tensor(1.0 - k / steps))) for k in range(steps)]
+    import diffusers
+
+    config = dict(world.scheduler_config)
+    sched = getattr(diffusers, config["_class_name"]).from_config(config)
+    kwargs = {}
+    if world.is_flow and config.get("use_dynamic_shifting"):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        patch = getattr(world.net.config, "patch_size", 1) or 1
+        seq = (world.data_shape[1] // patch) * (world.data_shape[2] // patch)
+        kwargs["mu"] = calculate_shift(seq, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                       config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+    sched.set_timesteps(steps, **kwargs)
+    if world.is_flow:
+        return [float(s) for s in sched.sigmas[:-1]]
+    return [float(world.sigma((t + 1) / world.num_train_timesteps)) for t in sched.timesteps.double()]  # tau = 1000 t - 1
+
+
 @torch.no_grad()
 def sample_teacher(world, cond, noise, steps, cfg):
-    """The teacher's deterministic sampler (DDIM; on a flow path this is the Euler ODE step) with classifier-free
-    guidance, on the pre-shift levels 1, 1 - 1/steps, ..., 1/steps through the world's shift, ending with the x0
-    prediction at the last level as the student does: x' = alpha' x0 + sigma' (x - alpha x0) / sigma."""
-    levels = [float(world.sigma(torch.tensor(1.0 - k / steps))) for k in range(steps)]
+    """The teacher as a stock pipeline samples it: `steps` deterministic steps at the pipeline scheduler's own levels
+    (teacher_sigmas), with classifier-free guidance. Each step predicts x0 and moves to the next level along the
+    predicted noise, x' = alpha' x0 + sigma' (x - alpha x0) / sigma (DDIM; the flow Euler step, and the
+    EulerDiscreteScheduler step written in VP coordinates); the last step returns the x0 prediction (the schedulers'
+    step to sigma 0)."""
+    levels = teacher_sigmas(world, steps)
     x = noise
     for k, sigma in enumerate(levels):
         x0 = world.x0("teacher", x, sigma, cond, cfg=cfg)
-        if k + 1 < steps:
+        if k + 1 < len(levels):
             eps = (x - world.alpha(torch.tensor(sigma)) * x0) / sigma
             x = world.alpha(torch.tensor(levels[k + 1])) * x0 + levels[k + 1] * eps
     return x0
@@ -410,9 +507,12 @@ def plot_grid(images, cond, prompts, path, max_rows=4):
 
 
 def t2i_table(rows):
-    """The text-to-image table: speed, then each metric as student / teacher, diversity, and what was skipped."""
+    """The text-to-image table, grouped by world (the --model preset): speed, then each metric as student / teacher,
+    diversity, and what was skipped."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    rows = sorted(rows, key=lambda r: models.index(r["model"]))  # stable: run order within a world
     names = [m for m in T2I_METRICS if any(f"{m}_student" in r for r in rows)]
-    header = ["run", "step", "NFE student / teacher", "s / image student / teacher"] + \
+    header = ["run", "world", "step", "NFE student / teacher", "s / image student / teacher"] + \
              [f"{m} student / teacher" for m in names] + ["diversity student / teacher", "skipped"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
@@ -420,7 +520,7 @@ def t2i_table(rows):
         return " / ".join(fmt.format(r[k]) if k in r else "-" for k in (a, b))
 
     for r in rows:
-        cells = [r["name"], str(r.get("step")), pair(r, "nfe_student", "nfe_teacher", "{}"),
+        cells = [r["name"], r["model"], str(r.get("step")), pair(r, "nfe_student", "nfe_teacher", "{}"),
                  pair(r, "seconds_per_image_student", "seconds_per_image_teacher", "{:.3g}")]
         cells += [pair(r, f"{m}_student", f"{m}_teacher") for m in names]
         cells += [pair(r, "diversity_student", "diversity_teacher"), ", ".join(r.get("skipped", {})) or "-"]
@@ -493,13 +593,15 @@ def table_notes(rows):
 
 
 def plot_panels(panels, world, path, beta=None, title=""):
-    """One panel per (title, samples) on the world's fixed axes over the teacher's contours (tilted teacher dashed)."""
+    """One panel per (title, samples) on the world's fixed axes over the teacher's contours (solid; the tilted
+    teacher's dashed), one legend below the panels; a panel whose samples leave the axes says how many."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from toy2d import draw_samples
+    from toy2d.plots import figure_legend
 
     tilted = world.reward_fn.tilt(world.mixture, beta) if beta is not None and world.reward_fn.name != "radius" else None
     cols = min(len(panels), 4)
@@ -507,19 +609,34 @@ def plot_panels(panels, world, path, beta=None, title=""):
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
+    label = f"tilted teacher, beta={beta:g}" if tilted is not None else None
+    handles = []
     for ax, (name, x) in zip(axes.flat, panels):
-        draw_samples(ax, x, world.mixture, world.plot_limit, name, tilted)
+        handles += draw_samples(ax, x, world.mixture, world.plot_limit, name, tilted, legend=False, tilted_label=label)
+    bottom = figure_legend(fig, handles)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def same_world(a, b):
-    """Whether two runs' worlds are the same teacher and reward (so their samples share one figure's contours)."""
-    keys = ("model", "toy_mixture", "toy_spread", "toy_path", "toy_classes", "toy_reward", "toy_reward_angle")
-    return all(a.get(k) == b.get(k) for k in keys)
+def world_label(world):
+    """A toy world's teacher and reward in a few words (mixture, mode std, path, shift, classes, reward and its
+    parameters): runs with the same label share a teacher, a reward and so one figure's contours and reference rows."""
+    parts = [f"{world.mixture_name} std {world.mixture.std:g}", world.path]
+    if world.shift != 1.0:
+        parts.append(f"shift {world.shift:g}")
+    if world.mixture.n_classes:
+        parts.append(f"{world.mixture.n_classes} classes")
+    reward = world.reward_fn
+    if reward.name == "linear":
+        parts.append("linear reward d=(" + ", ".join(f"{float(v):.3g}" for v in reward.direction) + ")")
+    elif reward.name == "quadratic":
+        parts.append("quadratic reward c=(" + ", ".join(f"{float(v):.3g}" for v in reward.target) + ")")
+    else:
+        parts.append(f"{reward.name} reward")
+    return ", ".join(parts)
 
 
 # =====================================================================================================
@@ -528,11 +645,12 @@ def same_world(a, b):
 
 
 def main(args, command=None):
-    """Evaluate args.run_dirs; command: the command line to print in eval.md (default: a reconstruction)."""
-    if not args.run_dirs:
-        raise ValueError("give at least one run directory")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    checked = [check_run(run_dir, args.allow_new_options) for run_dir in args.run_dirs]  # every error before any work
+    """Evaluate args.run_dirs; command: the command line to print in eval.md (default: a reconstruction).
+    Toy runs are grouped by world (world_label): each world has its own reference rows and its own figure
+    (eval_samples.png for the first, eval_samples_world<k>.png for the k-th), and eval.md says which runs each figure
+    leaves out."""
+    checked = check_args(args)  # every error before any work
+    device = resolve_device(args.device)
     if args.out_dir is not None:
         out_dir = Path(args.out_dir)
     elif len(args.run_dirs) == 1:
@@ -541,7 +659,7 @@ def main(args, command=None):
         out_dir = Path("evals") / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    toy, t2i_rows, panels, first = [], [], [], None
+    groups, t2i_rows = {}, []  # world label -> its world, results and figure panels, in the order of the runs
     for run_dir, c in tqdm(list(zip(args.run_dirs, checked)), desc="eval", disable=not args.progress or len(checked) == 1):
         options = None
         if c["args"].model != "toy2d":
@@ -557,20 +675,33 @@ def main(args, command=None):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
-        toy.append(result)
-        first = first or run  # the reference rows and the figure use the first toy run's world
-        if same_world(first["config"], run["config"]):
-            panels.append((f"{result['name']}\n{result['method']}, step {result['step']}", x))
+        label = world_label(run["world"])
+        group = groups.setdefault(label, {"world": run["world"], "results": [], "panels": []})
+        group["results"].append({**result, "world": label})
+        group["panels"].append((f"{result['name']}\n{result['method']}, step {result['step']}", x))
 
-    refs, sections, files = [], [], ["eval.json", "eval.md"]
-    if toy:
-        if args.reference:
-            refs, ref_sets = reference_results(first["world"], toy[0]["samples"], toy[0]["beta"])
+    toy, refs, rows, figures = [], [], [], []
+    for k, (label, group) in enumerate(groups.items()):
+        first, panels = group["results"][0], group["panels"]
+        group_refs = []
+        if args.reference:  # exact samples of this world's teacher and tilted teacher, at its first run's size and beta
+            group_refs, ref_sets = reference_results(group["world"], first["samples"], first["beta"])
+            group_refs = [{**r, "world": label} for r in group_refs]
             panels = ref_sets[:1] + panels
-        sections.append(f"## Toy runs\n\n{markdown_table(refs + toy)}\n\n{table_notes(refs + toy)}")
-        plot_panels(panels, first["world"], out_dir / "eval_samples.png", toy[0]["beta"],
-                    "student samples over the teacher's contours (tilted teacher dashed)")
-        files.append("eval_samples.png")
+        name = "eval_samples.png" if k == 0 else f"eval_samples_world{k + 1}.png"
+        plot_panels(panels, group["world"], out_dir / name, first["beta"],
+                    f"world: {label}\nstudent samples over the teacher's contours (tilted teacher, beta="
+                    f"{first['beta']:g}, dashed)")
+        toy += group["results"]
+        refs += group_refs
+        rows += group_refs + group["results"]
+        figures.append((name, label, group["results"]))
+
+    sections, files = [], ["eval.json", "eval.md"]
+    if toy:
+        table = markdown_table(rows, extra=(("world", "world", "{}"), ("step", "step", "{}")))
+        sections.append(f"## Toy runs\n\n{table}\n\n{table_notes(rows)}\n\n{figure_notes(figures)}")
+        files += [f[0] for f in figures]
     if t2i_rows:
         sections.append(f"## Text-to-image runs\n\n{t2i_table(t2i_rows)}")
         files += [f"eval_grid_{r['name']}.png" for r in t2i_rows]
@@ -583,8 +714,25 @@ def main(args, command=None):
     return {"out_dir": out_dir, "results": toy + t2i_rows, "references": refs}
 
 
+def figure_notes(figures):
+    """What each toy figure shows and leaves out: [(file, world label, its runs' results)] -> markdown lines. A figure
+    shows one world's runs (its contours are that teacher's); its tilted contours are at its first run's beta."""
+    lines = ["Figures (samples over the teacher's contours, one figure per world):"]
+    for name, label, results in figures:
+        shown = ", ".join(r["name"] for r in results)
+        line = f"- {name}: world {label}: {shown}"
+        others = [f"{r['name']} ({other})" for other, _, rs in figures if other != name for r in rs]
+        if others:
+            line += "; leaves out the runs of other worlds: " + ", ".join(others)
+        beta = results[0]["beta"]
+        off_beta = [f"{r['name']} (beta {r['beta']:g})" for r in results if r["beta"] != beta]
+        if off_beta:
+            line += f"; tilted contours at beta {beta:g}, not the beta of " + ", ".join(off_beta)
+        lines.append(line)
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import shlex
-    import sys
 
-    main(tyro.cli(Args), command="python eval.py " + shlex.join(sys.argv[1:]))
+    cli_main(main, Args, check_args, command="python eval.py " + shlex.join(sys.argv[1:]))

@@ -67,6 +67,7 @@ velocity eps - x0, x0 = x - sigma v. Pre-shift time t maps to sigma = world.sigm
 x0-predictions, world.renoise / world.alpha and world.reward, so it is identical on every flow world.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -405,12 +406,13 @@ def dmd_loss(x, grad):
 
 
 # Copied from dmd.py: fake_score_loss
-def fake_score_loss(world, x0, cond, t, adapter_scale=1.0):
-    """The plain diffusion loss of the fake score on (detached) samples x0 at pre-shift times t (n,): renoise, predict,
-    weight the x0 error into the model's native loss (flow: velocity, 1/sigma^2; VP: eps, alpha^2/sigma^2)."""
+def fake_score_loss(world, x0, cond, t, adapter_scale=1.0, role="fake", eps=None):
+    """The plain diffusion loss of the fake score on (detached) samples x0 at pre-shift times t (n,): renoise (with eps,
+    or fresh noise), predict, weight the x0 error into the model's native loss (flow: velocity, 1/sigma^2; VP: eps,
+    alpha^2/sigma^2)."""
     sigma = world.sigma(t)
-    x_t = world.renoise(x0, sigma, torch.randn_like(x0))
-    x0_fake = world.x0("fake", x_t, sigma, cond, adapter_scale=adapter_scale)
+    x_t = world.renoise(x0, sigma, torch.randn_like(x0) if eps is None else eps)
+    x0_fake = world.x0(role, x_t, sigma, cond, adapter_scale=adapter_scale)
     per_sample = ((x0_fake - x0) ** 2).flatten(1).mean(1)
     return (world.loss_weight(sigma) * per_sample).mean()
 
@@ -574,14 +576,26 @@ def train_step(world, args, schedule, stage, opt_generator, opt_fake):
 
 # Copied from dmd.py: check_finite
 def check_finite(loss, name):
-    if not torch.isfinite(loss):
+    """Raise FloatingPointError on a non-finite loss. Under torchrun every rank makes the same checks in the same order,
+    and a tiny all-reduce makes all of them stop together (a rank left waiting in the next all-reduce would hang until
+    the NCCL timeout)."""
+    bad = not bool(torch.isfinite(loss))
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        flag = torch.tensor([float(bad)], device=loss.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            where = f"on rank {torch.distributed.get_rank()}" if bad else "on another rank"
+            raise FloatingPointError(f"{name} is {loss.item() if bad else 'non-finite'} {where}")
+    elif bad:
         raise FloatingPointError(f"{name} is {loss.item()}")
 
 
 # Copied from dmd.py: sync_and_clip
 def sync_and_clip(params, max_norm):
     """Average the gradients over the data-parallel ranks (torchrun; a no-op in one process), then clip their norm
-    (0: off). Every rank then takes the same optimiser step: the adapters stay identical on every rank."""
+    (0: off) and return it (before clipping). Every rank then takes the same optimiser step: the adapters stay
+    identical on every rank."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce for the whole adapter
@@ -589,8 +603,8 @@ def sync_and_clip(params, max_norm):
         flat /= torch.distributed.get_world_size()
         for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
             p.grad = chunk.view_as(p).clone()
-    if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm)  # the norm before clipping (metrics.jsonl's grad_norm)
 
 
 # Copied from dmd.py: setup_distributed
@@ -677,7 +691,7 @@ def validate(args):
 def validate_t2i(args):
     """The text-to-image options, checked without loading anything (t2i's presets and reward specs are plain data)."""
     import t2i
-    from t2i.rewards import check_packages, parse_checkpoints, parse_spec
+    from t2i.rewards import check_checkpoints, check_packages, parse_checkpoints, parse_spec
 
     t2i.get_preset(args.model)
     for name in ("prompts", "eval_prompts"):
@@ -689,7 +703,7 @@ def validate_t2i(args):
         if getattr(args, name) is None:
             raise ValueError(f"{name} has no default for model {args.model}: pass --{name.replace('_', '-')}")
     check_packages(parse_spec(args.t2i_reward))  # hpsv2 / image-reward missing: say so before loading anything
-    parse_checkpoints(args.reward_checkpoints)
+    check_checkpoints(parse_checkpoints(args.reward_checkpoints))  # a missing local path: say so before any model loads
     for name in ("lora_rank", "lora_alpha", "fake_lora_rank", "fake_lora_alpha"):
         if not getattr(args, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
@@ -724,7 +738,6 @@ def make_world(args, device):
     return world
 
 
-# Copied from dmd.py: make_run_dir
 def make_run_dir(args, method):
     name = args.run_name or f"{method}__{args.model}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.output_dir) / name
@@ -734,13 +747,40 @@ def make_run_dir(args, method):
     return run_dir
 
 
+# Copied from dmd.py: swapped_params
+@contextlib.contextmanager
+def swapped_params(params, values):
+    """Temporarily copy `values` into `params` (no grad), restoring the originals on exit: evaluates a frozen
+    snapshot of an adapter (an EMA, a reference policy) through the world's own role, on any world."""
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved, strict=True):
+                p.copy_(v)
+
+
 # Copied from dmd.py: save_checkpoint
-def save_checkpoint(world, run_dir, step):
-    """Write both adapters to checkpoint/ atomically: a crash mid-save leaves the previous checkpoint intact."""
+def save_checkpoint(world, run_dir, step, training_state=None, ema=None):
+    """Write every adapter (generator, fake scores) and the training state (optimisers, schedulers, stage counters, RNG
+    states: what --resume needs) to checkpoint/ atomically. With a generator EMA (ema: its values, aligned with
+    world.params("generator")), generator/ holds the EMA weights (what evaluation and a stock pipeline use) and
+    raw/generator/ the trained ones. state.json is written last: a checkpoint directory without it is incomplete."""
     tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    for role in ("generator", "fake"):
-        world.save(role, tmp)
+    for role in world.adapter_roles:
+        if role == "generator" and ema is not None:
+            world.save(role, tmp / "raw")
+            with swapped_params(world.params("generator"), ema):
+                world.save(role, tmp)
+        else:
+            world.save(role, tmp)
+    if training_state is not None:
+        torch.save({**training_state, "ema": ema}, tmp / "training_state.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     if final.exists():
         os.replace(final, old)

@@ -158,6 +158,72 @@ def build_tiny_clip(path, seed=0, head_path=None):
     return Path(path)
 
 
+def tiny_bert_tokenizer_dir(path):
+    """A bert-base-uncased-style WordPiece tokenizer (the words above and single characters), saved to path."""
+    from transformers import BertTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(WORDS) + list("abcdefghijklmnopqrstuvwxyz")
+    vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    (path / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    BertTokenizer(str(path / "vocab.txt"), model_max_length=512).save_pretrained(path)
+    return path
+
+
+def tiny_imagereward_state(vocab_size, seed=0, width=64, depth=2, patch=16, image=32, hidden=64, layers=2):
+    """A random state dict in ImageReward.pt's own key layout (BLIP ViT blip.visual_encoder.*, the cross-attention
+    BERT blip.text_encoder.*, the MLP head mlp.*), 64-wide so that the 64-wide heads of the real model give 1 head.
+    Weights ~ N(0, 1 / fan_in) (so the score varies with image and prompt at every depth), LayerNorms near 1."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def lin(prefix, fan_out, fan_in):
+        return {f"{prefix}.weight": torch.randn(fan_out, fan_in, generator=gen) / fan_in**0.5,
+                f"{prefix}.bias": 0.1 * torch.randn(fan_out, generator=gen)}
+
+    def norm(prefix, dim):
+        return {f"{prefix}.weight": 1 + 0.1 * torch.randn(dim, generator=gen), f"{prefix}.bias": 0.1 * torch.randn(dim, generator=gen)}
+
+    v = "blip.visual_encoder."
+    n_tokens = (image // patch) ** 2 + 1
+    state = {f"{v}cls_token": torch.randn(1, 1, width, generator=gen), f"{v}pos_embed": torch.randn(1, n_tokens, width, generator=gen),
+             f"{v}patch_embed.proj.weight": torch.randn(width, 3, patch, patch, generator=gen) / (3 * patch * patch) ** 0.5,
+             f"{v}patch_embed.proj.bias": 0.1 * torch.randn(width, generator=gen)}
+    for i in range(depth):
+        b = f"{v}blocks.{i}."
+        state |= norm(b + "norm1", width) | lin(b + "attn.qkv", 3 * width, width) | lin(b + "attn.proj", width, width)
+        state |= norm(b + "norm2", width) | lin(b + "mlp.fc1", 4 * width, width) | lin(b + "mlp.fc2", width, 4 * width)
+    state |= norm(f"{v}norm", width)
+    t = "blip.text_encoder."
+    state |= {f"{t}embeddings.word_embeddings.weight": torch.randn(vocab_size, hidden, generator=gen),
+              f"{t}embeddings.position_embeddings.weight": torch.randn(40, hidden, generator=gen)}
+    state |= norm(f"{t}embeddings.LayerNorm", hidden)
+    for i in range(layers):
+        b = f"{t}encoder.layer.{i}."
+        for att, kv_width in (("attention", hidden), ("crossattention", width)):
+            state |= lin(b + f"{att}.self.query", hidden, hidden) | lin(b + f"{att}.self.key", hidden, kv_width)
+            state |= lin(b + f"{att}.self.value", hidden, kv_width) | lin(b + f"{att}.output.dense", hidden, hidden)
+            state |= norm(b + f"{att}.output.LayerNorm", hidden)
+        state |= lin(b + "intermediate.dense", 2 * hidden, hidden) | lin(b + "output.dense", hidden, 2 * hidden)
+        state |= norm(b + "output.LayerNorm", hidden)
+    for j, (o, i_) in zip((0, 2, 4, 6, 7), ((1024, hidden), (128, 1024), (64, 128), (16, 64), (1, 16))):  # the real head
+        state |= lin(f"mlp.layers.{j}", o, i_)
+    state |= lin("blip.vision_proj", 16, width) | lin("blip.text_proj", 16, hidden)  # in the real file too; unused
+    return state
+
+
+def build_tiny_imagereward(path, seed=0):
+    """path/ImageReward.pt (a tiny random ImageReward state dict, tiny_imagereward_state) and path/tokenizer (BLIP's
+    tokenizer over a tiny WordPiece vocabulary). Returns (checkpoint, tokenizer folder)."""
+    from .rewards import imagereward_tokenizer
+
+    path = Path(path)
+    tok_dir = tiny_bert_tokenizer_dir(path / "tokenizer")
+    state = tiny_imagereward_state(len(imagereward_tokenizer(str(tok_dir))), seed)
+    torch.save(state, path / "ImageReward.pt")
+    return path / "ImageReward.pt", tok_dir
+
+
 if __name__ == "__main__":
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny_models")
     build_tiny_sd3(root / "sd3")

@@ -21,18 +21,27 @@ Conventions (the same as toy2d): sigma in [0, 1], sigma = 1 pure noise.
                  interpolated linearly between integer timesteps; sigma(t=1) = 0.9977 as in the toy's vp path.
     Latents are the VAE's scaled latents (what the pipelines denoise); decode() returns images in [0, 1], in fp32.
 Conditions are prompt indices (n,) into one table: the training prompts, then the evaluation prompts, then "" (the null
-condition of classifier-free guidance). Their text embeddings are computed once at construction, then the text
-encoders are freed.
+condition of classifier-free guidance). Their text embeddings are computed once into an on-disk, memory-mapped cache
+(t2i/embeddings.py: built by the process with LOCAL_RANK 0, read by every rank; a later run with the same model and
+prompt files loads no text encoder at all), and a batch's rows are moved to the device once per batch, not at every
+forward.
+
+Precision and speed (GPU defaults): base in bf16 with fp32 LoRA parameters and optimiser state; the transformer / UNet
+forward under bf16 autocast; TF32 matmuls and convolutions; the VAE loaded in fp32 from disk (not rounded through
+bf16) and decoded in fp32, in chunks of decode_chunk images, each chunk (decode + reward) checkpointed when
+decode_checkpointing is on, so the reward's backward holds one chunk's activations at a time.
 """
 
 import contextlib
 import gc
 import logging
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
+from . import embeddings
 from .presets import get_preset
 from .rewards import WeightedReward
 
@@ -44,6 +53,8 @@ LORA_TARGETS = {
     "sdxl": ["to_q", "to_k", "to_v", "to_out.0"],
 }
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+REAL_MODEL_PARAMETERS = 10**8  # above this a base is real weights (SD3-M's transformer: 2e9; the tiny test models: 1e5)
 
 
 def read_prompts(path):
@@ -64,20 +75,34 @@ def pipeline_class(family):
     return StableDiffusion3Pipeline if family == "sd3" else StableDiffusionXLPipeline
 
 
-def load_pipeline(preset, model_path=None, dtype=torch.float32):
-    """The preset's pipeline through the real from_pretrained (a local copy when model_path is given)."""
+def load_pipeline(preset, model_path=None, dtype=torch.float32, text_encoders=True):
+    """The preset's pipeline through the real from_pretrained (a local copy when model_path is given): every component
+    in dtype except the VAE, read in fp32 straight from disk (a bf16 load then upcast would round its weights);
+    text_encoders=False skips the text encoders and tokenizers (their embeddings are cached)."""
     source = model_path or preset.repo
+    skip = {} if text_encoders else {name: None for name in TEXT_COMPONENTS if preset.family == "sd3" or "3" not in name}
     try:
-        return pipeline_class(preset.family).from_pretrained(source, dtype=dtype)
+        return pipeline_class(preset.family).from_pretrained(source, dtype={"default": dtype, "vae": torch.float32},
+                                                             **skip)
     except Exception as err:  # noqa: BLE001 (missing files, gated repository, no network: one clear message)
         where = f"the local copy {model_path!r}" if model_path else f"the hub repository {preset.repo!r}"
         licence = (f" The repository is gated: accept its licence at https://huggingface.co/{preset.repo} and log in "
-                   "(huggingface-cli login) before downloading." if preset.gated else "")
+                   "(hf auth login) before downloading." if preset.gated else "")
         raise RuntimeError(
             f"--model {preset.name}: could not load the weights from {where} ({type(err).__name__}: {err}).{licence} "
-            f"Without network, download {preset.repo} elsewhere (huggingface-cli download {preset.repo} --local-dir "
-            f"DIR) and pass --model-path DIR."
+            f"Without network, download {preset.repo} elsewhere (hf download {preset.repo} --local-dir DIR) and pass "
+            f"--model-path DIR."
         ) from err
+
+
+def enable_tf32():
+    """TF32 tensor cores for fp32 matmuls and convolutions (the VAE decode, the reward models, the fp32 LoRA path)."""
+    try:  # the precision API of current torch; mixing it with the legacy allow_tf32 flags is an error
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    except AttributeError:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 @contextlib.contextmanager
@@ -110,12 +135,25 @@ class T2IWorld:
         lora_alpha=128,
         fake_lora_rank=32,
         fake_lora_alpha=32,
+        n_fakes=1,
         seed=0,
         device="cpu",
         dtype=None,
         max_sequence_length=256,
         gradient_checkpointing=None,
+        autocast=None,
+        tf32=None,
+        decode_chunk=None,
+        decode_checkpointing=None,
+        prompt_cache_dir=None,
     ):
+        """gradient_checkpointing: recompute the transformer / UNet blocks (and the VAE decoder's) in backward (default:
+        on CUDA). autocast: bf16 autocast around the transformer / UNet forward (default: on CUDA; on a CPU it runs
+        torch's CPU autocast). tf32: TF32 matmuls and convolutions (default: on CUDA; a process-wide torch setting).
+        decode_chunk: images per VAE decode in reward() (default: the whole batch). decode_checkpointing: checkpoint
+        each chunk's decode + reward, so its activations are recomputed in backward instead of stored (default: as
+        gradient_checkpointing). prompt_cache_dir: where the prompt-embedding cache lives (default:
+        t2i.embeddings.default_cache_dir(), $T2I_CACHE_DIR or ~/.cache/t2i-prompt-embeddings)."""
         self.preset = get_preset(model)
         self.name = model
         self.family = self.preset.family
@@ -124,22 +162,54 @@ class T2IWorld:
         self.device = torch.device(device)
         on_gpu = self.device.type == "cuda"
         self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+        self.autocast = on_gpu if autocast is None else bool(autocast)
+        self.gradient_checkpointing = on_gpu if gradient_checkpointing is None else bool(gradient_checkpointing)
+        self.decode_checkpointing = self.gradient_checkpointing if decode_checkpointing is None else bool(decode_checkpointing)
+        if decode_chunk is not None and decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be a positive integer, got {decode_chunk}")
+        self.decode_chunk = decode_chunk
+        if tf32 if tf32 is not None else on_gpu:
+            enable_tf32()
         train = read_prompts(prompts or PROMPTS_DIR / "train.txt")
         held_out = read_prompts(eval_prompts or PROMPTS_DIR / "eval.txt")
         self.prompts = train + held_out + [""]  # cond indexes this table
         self.n_train, self.n_eval = len(train), len(held_out)
         self.null_label = len(self.prompts) - 1
 
-        pipe = load_pipeline(self.preset, model_path, self.dtype)
+        # the prompt-embedding cache: one entry per prompt list; the text encoders load only if an entry must be built
+        cache_dir = Path(prompt_cache_dir) if prompt_cache_dir is not None else embeddings.default_cache_dir()
+        fingerprint = embeddings.model_fingerprint(model_path or self.preset.repo)
+        parts = [("prompts", train, str(prompts or PROMPTS_DIR / "train.txt")),
+                 ("prompts", held_out, str(eval_prompts or PROMPTS_DIR / "eval.txt")), ("null", [""], "the null prompt")]
+        entries = []
+        for kind, texts, what in parts:
+            key, spec = embeddings.entry_key(fingerprint, kind, texts, self.dtype, max_sequence_length, self.family)
+            entries.append((cache_dir / key, spec, kind, texts, what))
+        builder = embeddings.is_builder()
+        to_build = [e for e in entries if not (e[0] / "meta.json").exists()] if builder else []
+
+        pipe = load_pipeline(self.preset, model_path, self.dtype, text_encoders=bool(to_build))
         self.vae_scale_factor = pipe.vae_scale_factor
         self.resolution = resolution or self.preset.resolution
         self.net = pipe.transformer if self.is_flow else pipe.unet
+        if prompts is None and sum(p.numel() for p in self.net.parameters()) > REAL_MODEL_PARAMETERS:
+            warnings.warn(f"--model {model}: real weights with the default prompt file {PROMPTS_DIR / 'train.txt'}, "
+                          f"{self.n_train} smoke-test prompts: a real run needs a real prompt set (--prompts FILE, one "
+                          "prompt a line)", stacklevel=2)
         patch = getattr(self.net.config, "patch_size", 1) or 1
         if self.resolution % (self.vae_scale_factor * patch):
             raise ValueError(f"resolution {self.resolution} must be a multiple of {self.vae_scale_factor * patch}")
         size = self.resolution // self.vae_scale_factor
         self.data_shape = (self.net.config.in_channels, size, size)  # latent (C, h, w)
-        self._encode_prompts(pipe, max_sequence_length)
+        if to_build:
+            self._build_prompt_cache(pipe, to_build, max_sequence_length)
+        for directory, *_ in entries:
+            embeddings.wait_for_entry(directory)
+        self.text = embeddings.PromptTable([embeddings.open_entry(e[0]) for e in entries])
+        self._device_text = OrderedDict()  # a few recent batches' embeddings on the device, keyed by their indices
+        if not self.is_flow:  # SDXL micro-conditioning: original size, crop top-left (0, 0), target size
+            res = self.resolution
+            self.time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=self.device, dtype=self.dtype)
 
         # the noise schedule, from the model's own scheduler config
         self.num_train_timesteps = pipe.scheduler.config.num_train_timesteps
@@ -154,11 +224,11 @@ class T2IWorld:
             self.shift = 1.0
             self.sigma_max = float(self._vp_sigmas[-1])
 
-        # frozen base (requires_grad off once, here), VAE in fp32 for decoding into rewards
-        self.vae = pipe.vae.to(self.device, torch.float32).eval().requires_grad_(False)
+        # frozen base (requires_grad off once, here), VAE in fp32 (as loaded) for decoding into rewards
+        self.vae = pipe.vae.to(self.device).eval().requires_grad_(False)
         self.net = self.net.to(self.device, self.dtype).requires_grad_(False)
-        self._add_adapters(lora_rank, lora_alpha, fake_lora_rank, fake_lora_alpha, seed)
-        if gradient_checkpointing if gradient_checkpointing is not None else on_gpu:
+        self._add_adapters(lora_rank, lora_alpha, fake_lora_rank, fake_lora_alpha, n_fakes, seed)
+        if self.gradient_checkpointing:
             self.net.enable_gradient_checkpointing(gradient_checkpointing_func=self._checkpoint)
             self.vae.enable_gradient_checkpointing()
         self.scheduler_config = dict(pipe.scheduler.config)
@@ -248,8 +318,8 @@ class T2IWorld:
     def x0(self, role, x, sigma, cond, cfg=1.0, adapter_scale=1.0):
         """x0-prediction (n, C, h, w) in fp32 of a role at level sigma, with classifier-free guidance cfg (both branches in
         one batch, the role's adapter active in both, as a LoRA is in a guided pipeline call)."""
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; valid roles: {', '.join(ROLES)}")
+        if role != "teacher" and role not in self.adapter_roles:
+            raise ValueError(f"unknown role {role!r}; valid roles: teacher, {', '.join(self.adapter_roles)}")
         sigma = self._per_sample(sigma, x)
         guided = cfg != 1.0 and not bool((cond == self.null_label).all())
         if guided:
@@ -272,14 +342,45 @@ class T2IWorld:
         """Trainable parameters of the role's LoRA adapter (fp32), in a fixed order (the teacher has none)."""
         return list(self._params[role])
 
+    def lora_factors(self, role):
+        """The role's LoRA as [(A (r, in), B (out, r), scaling alpha / r)] per adapted layer, the parameters themselves
+        (a layer's weight change is scaling * B @ A), in a fixed order that is the same for every role."""
+        return [(layer.lora_A[role].weight, layer.lora_B[role].weight, self._scaling[role]) for layer in self._lora_layers
+                if role in layer.lora_A]
+
     def reward(self, x0, cond):
-        """Differentiable per-sample reward (n,) of clean latents: fp32 VAE decode, then the reward models."""
+        """Differentiable per-sample reward (n,) of clean latents: fp32 VAE decode, then the reward models; in chunks of
+        decode_chunk images, each chunk checkpointed (recomputed in backward, not stored) when decode_checkpointing is
+        on and gradients are being recorded."""
+        step = self.decode_chunk or x0.shape[0]
+        checkpointed = self.decode_checkpointing and torch.is_grad_enabled() and x0.requires_grad
+        out = []
+        for i in range(0, x0.shape[0], step):
+            x, c = x0[i : i + step], cond[i : i + step]
+            if checkpointed:
+                from torch.utils.checkpoint import checkpoint
+
+                out.append(checkpoint(self._decode_and_score, x, c, use_reentrant=False))
+            else:
+                out.append(self._decode_and_score(x, c))
+        return torch.cat(out)
+
+    def _decode_and_score(self, x0, cond):
         return self.reward_fn(self.decode(x0), cond)
 
+    def reward_terms(self, x0, cond):
+        """The reward spec's terms {name: (weight, capped per-sample score (n,))}: reward() is their weighted sum.
+        Decoded in chunks of decode_chunk as reward() is (GDMD scores B x n targets at once, without grad)."""
+        step = self.decode_chunk or x0.shape[0]
+        parts = [self.reward_fn.weighted_terms(self.decode(x0[i : i + step]), cond[i : i + step])
+                 for i in range(0, x0.shape[0], step)]
+        return {name: (parts[0][name][0], torch.cat([p[name][1] for p in parts])) for name in parts[0]}
+
     def decode(self, x0):
-        """Latents (n, C, h, w) -> images (n, 3, H, W) in [0, 1], fp32 (the pipelines' own latent scaling)."""
+        """Latents (n, C, h, w) -> images (n, 3, H, W) in [0, 1], in the VAE's dtype (fp32; the pipelines' own latent
+        scaling)."""
         cfg = self.vae.config
-        latents = x0.float() / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        latents = x0.to(self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         image = self.vae.decode(latents, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
 
@@ -323,9 +424,10 @@ class T2IWorld:
 
     # ---- evaluation and figures ----
     @torch.no_grad()
-    def evaluate(self, samples, cond, beta=None, batch_size=8):
+    def evaluate(self, samples, cond, beta=None, steps=None, batch_size=8):
         """Mean reward (the training reward) and each reward model's mean score on decoded samples (beta: unused;
-        a text-to-image teacher has no closed-form tilted distribution)."""
+        a text-to-image teacher has no closed-form tilted distribution; steps: unused, the per-step distances are the
+        toy's, an image world has no exact reference distribution to measure them against)."""
         totals = {}
         for i in range(0, samples.shape[0], batch_size):
             images = self.decode(samples[i : i + batch_size])
@@ -369,70 +471,84 @@ class T2IWorld:
         plot_curves(history, list(keys) + extra, path, title)
 
     # ---- internals ----
-    def _encode_prompts(self, pipe, max_sequence_length):
-        """Every prompt's text embeddings once (text encoders on the device for the occasion), then free them."""
+    def _build_prompt_cache(self, pipe, entries, max_sequence_length):
+        """Encode the prompt lists of the missing cache entries (text encoders on the device for the occasion), then
+        free the text encoders."""
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             enc = getattr(pipe, name, None)
             if enc is not None:
                 enc.to(self.device)
-        embeds, pooled = [], []
+        extra = dict(prompt_2=None, prompt_3=None, max_sequence_length=max_sequence_length) if self.is_flow else {}
+
+        def encode_prompts(batch):
+            e, _, p, _ = pipe.encode_prompt(batch, device=self.device, do_classifier_free_guidance=False, **extra)
+            return {"embeds": e.to(self.dtype), "pooled": p.to(self.dtype)}
+
+        def encode_null(batch):  # exactly as the stock pipeline builds its negative branch for negative_prompt=None
+            _, e0, _, p0 = pipe.encode_prompt(batch, device=self.device, do_classifier_free_guidance=True, **extra)
+            return {"embeds": e0.to(self.dtype), "pooled": p0.to(self.dtype)}
+
         with torch.no_grad(), _quiet():  # the tokenizers' truncation warnings, once per prompt batch
-            for i in range(0, len(self.prompts) - 1, 16):
-                batch = self.prompts[i : min(i + 16, len(self.prompts) - 1)]
-                if self.is_flow:
-                    e, _, p, _ = pipe.encode_prompt(batch, None, None, device=self.device, do_classifier_free_guidance=False,
-                                                    max_sequence_length=max_sequence_length)
-                else:
-                    e, _, p, _ = pipe.encode_prompt(batch, device=self.device, do_classifier_free_guidance=False)
-                embeds.append(e)
-                pooled.append(p)
-            # the null condition exactly as the stock pipeline builds its negative branch for negative_prompt=None
-            if self.is_flow:
-                _, e0, _, p0 = pipe.encode_prompt([""], None, None, device=self.device, do_classifier_free_guidance=True,
-                                                  max_sequence_length=max_sequence_length)
-            else:
-                _, e0, _, p0 = pipe.encode_prompt([""], device=self.device, do_classifier_free_guidance=True)
-        # kept in CPU memory and moved per batch: SD3's (77 + 256) x 4096 tokens are 2.7 MB a prompt in bf16, so a
-        # prompt file of 10k lines would not fit next to the model on the GPU
-        self.prompt_embeds = torch.cat(embeds + [e0]).to("cpu", self.dtype)  # (P, L, D)
-        self.pooled_embeds = torch.cat(pooled + [p0]).to("cpu", self.dtype)  # (P, D')
-        if not self.is_flow:  # SDXL micro-conditioning: original size, crop top-left (0, 0), target size
-            res = self.resolution
-            self.time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=self.device, dtype=self.dtype)
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+            for directory, spec, kind, texts, what in entries:
+                embeddings.build_entry(directory, spec, texts, encode_null if kind == "null" else encode_prompts,
+                                       description=f"{what} ({self.name}, {len(texts)} prompts)")
+        for name in TEXT_COMPONENTS:
             if hasattr(pipe, name):
                 setattr(pipe, name, None)
 
+    def _text(self, cond):
+        """(embeds (n, L, D), pooled (n, D')) of the prompts cond on the device. A batch's rows are gathered from the
+        memory-mapped cache and copied to the device once (through pinned memory on CUDA), then reused by every
+        forward of that batch (roles, CFG branches, levels) while they are among the 4 latest index sets."""
+        key = tuple(cond.tolist())
+        hit = self._device_text.get(key)
+        if hit is not None:
+            self._device_text.move_to_end(key)
+            return hit
+        rows = self.text.rows(torch.as_tensor(key, dtype=torch.long))
+        if self.device.type == "cuda":
+            rows = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in rows.items()}
+        else:
+            rows = {k: v.to(self.device) for k, v in rows.items()}
+        hit = (rows["embeds"], rows["pooled"])
+        self._device_text[key] = hit
+        while len(self._device_text) > 4:
+            self._device_text.popitem(last=False)
+        return hit
+
     def _forward(self, x, sigma, cond):
-        """The base network (with whatever adapter state is set) on latents x (n, C, h, w) at levels sigma (n,)."""
+        """The base network (with whatever adapter state is set) on latents x (n, C, h, w) at levels sigma (n,), under
+        bf16 autocast when self.autocast (the fp32 LoRA weights stay the master copies that the optimisers update)."""
         t = self.timestep(sigma)
         x = x.to(self.dtype)
-        idx = cond.cpu()
-        text = self.prompt_embeds[idx].to(self.device)  # (n, L, D)
-        pooled = self.pooled_embeds[idx].to(self.device)  # (n, D')
-        if self.is_flow:
-            return self.net(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled,
-                            return_dict=False)[0]
-        added = {"text_embeds": pooled, "time_ids": self.time_ids.expand(x.shape[0], -1)}
-        return self.net(x, t, encoder_hidden_states=text, added_cond_kwargs=added, return_dict=False)[0]
+        text, pooled = self._text(cond)  # (n, L, D), (n, D')
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if self.is_flow:
+                return self.net(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled,
+                                return_dict=False)[0]
+            added = {"text_embeds": pooled, "time_ids": self.time_ids.expand(x.shape[0], -1)}
+            return self.net(x, t, encoder_hidden_states=text, added_cond_kwargs=added, return_dict=False)[0]
 
-    def _add_adapters(self, rank, alpha, fake_rank, fake_alpha, seed):
+    def _add_adapters(self, rank, alpha, fake_rank, fake_alpha, n_fakes, seed):
         from peft import LoraConfig
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         targets = LORA_TARGETS[self.family]
+        # per-step fake scores "fake1", ... (--fake-tracks per-step) are added after the first two, whose init stays as is
+        self.adapter_roles = ["generator", "fake"] + [f"fake{k}" for k in range(1, n_fakes)]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for role, r, a in (("generator", rank, alpha), ("fake", fake_rank, fake_alpha)):
+            for role in self.adapter_roles:
+                r, a = (rank, alpha) if role == "generator" else (fake_rank, fake_alpha)
                 # B = 0: every adapter starts as the teacher, so at step 0 fake == generator == teacher
                 config = LoraConfig(r=r, lora_alpha=a, init_lora_weights="gaussian", target_modules=targets)
                 with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the design
                     warnings.simplefilter("ignore")
                     self.net.add_adapter(config, adapter_name=role)
         self._lora_layers = [m for m in self.net.modules() if isinstance(m, BaseTunerLayer)]
-        self._scaling = {role: self._lora_layers[0].scaling[role] for role in ("generator", "fake")}  # alpha / r
+        self._scaling = {role: self._lora_layers[0].scaling[role] for role in self.adapter_roles}  # alpha / r
         self._params, self._param_names = {"teacher": []}, {"teacher": []}
-        for role in ("generator", "fake"):
+        for role in self.adapter_roles:
             named = [(n, p) for n, p in self.net.named_parameters() if f".{role}." in n and ".lora_" in n]
             self._param_names[role] = [n for n, _ in named]
             self._params[role] = [p for _, p in named]

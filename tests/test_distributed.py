@@ -103,3 +103,36 @@ def test_torchrun_dmd_end_to_end(tmp_path):
     trained = torch.load(run / "checkpoint" / "generator.pt")
     assert trained["out.weight"].abs().sum() > 0  # zero at initialisation: the generator adapter was trained
     assert out.stdout.count("dmd: done") == 1  # one report, from rank 0
+
+
+NAN_WORKER = r'''
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import dmd
+real = dmd.dmd_generator_loss
+calls = []
+
+def nan_on_rank_1(*args, **kwargs):
+    loss = real(*args, **kwargs)
+    calls.append(1)
+    return loss * float("nan") if os.environ["RANK"] == "1" and len(calls) == 3 else loss
+
+dmd.dmd_generator_loss = nan_on_rank_1
+dmd.main(dmd.Args(batch_size=32, num_steps=20, eval_every=20, eval_samples=200, progress=False,
+                  output_dir=sys.argv[1], run_name="nan"))
+'''
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_the_message(tmp_path):
+    """Rank 1's DMD loss turns NaN at its third update: both ranks stop with FloatingPointError naming the loss and the
+    step (rank 0: "on another rank"), instead of rank 0 waiting in the gradient all-reduce until the backend's timeout.
+    (The subprocess timeout only turns a hang into a failure; the run itself takes seconds.)"""
+    script = tmp_path / "nan_worker.py"
+    script.write_text(NAN_WORKER.format(repo=str(REPO)))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "runs")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode != 0
+    assert "FloatingPointError: dmd_loss is nan on rank 1 at step 3" in out.stderr, out.stderr[-3000:]
+    assert "FloatingPointError: dmd_loss is non-finite on another rank at step 3" in out.stderr, out.stderr[-3000:]

@@ -279,15 +279,22 @@ def test_gdmd_raises_reward_over_dmd_and_keeps_teacher_logp(arms):
     t_stat = statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(len(diffs)))
     assert all(d > 0 for d in diffs) and t_stat > 2.92, (diffs, t_stat)
     # "Near": GDMD's teacher log-density (seed mean) is no lower than DMD-only's by more than DMD-only's own
-    # seed-to-seed spread (sample sd over the seeds).
+    # seed-to-seed spread (sample sd over the seeds). Measured (per-step backbone): reward +0.20 / +0.24 / +0.10 over
+    # DMD-only (t = 4.4), log-density -2.27 against -2.27 (seed means); on the final-step fake this bound fails (-0.08).
     logp_dmd = [res["dmd", s]["logp"] for s in SEEDS]
     logp_gdmd = [res["gdmd", s]["logp"] for s in SEEDS]
     assert statistics.mean(logp_gdmd) >= statistics.mean(logp_dmd) - statistics.stdev(logp_dmd), (logp_gdmd, logp_dmd)
 
 
-def test_naive_fusion_leaves_the_manifold_more_than_gdmd(arms):
-    # What held on every seed we tried (0-3 at these settings): scoring the raw sample lowers the teacher
-    # log-density below GDMD's (on some seeds it diverges). Its reward is reported, not asserted.
+def test_naive_fusion_is_not_worse_than_gdmd_on_the_per_step_backbone(arms):
+    """NOT reproduced on the per-step backbone (the default): "scoring the raw sample leaves the manifold". On DMD2's
+    mixture estimator naive fusion's teacher log-density was 0.20-0.26 below GDMD's on every seed; with a fake per
+    student step it is within 0.05 of GDMD's (-0.04 / +0.02 / -0.04, seeds 0-2) and it raises the reward MORE (+0.02 /
+    +0.10 / +0.16 over GDMD). Asserted as the measured fact (seeded, so it is exact here): naive fusion's reward is at
+    least GDMD's on every seed, and its log-density is within 0.1 nats of GDMD's, half the smallest gap the claim had
+    on the mixture backbone (measured gaps at most 0.044)."""
     _, res = arms
     for s in SEEDS:
-        assert res["naive", s]["logp"] < res["gdmd", s]["logp"], (s, res["naive", s], res["gdmd", s])
+        naive, ours = res["naive", s], res["gdmd", s]
+        assert not naive["diverged"] and naive["reward"] >= ours["reward"], (s, naive, ours)
+        assert abs(naive["logp"] - ours["logp"]) < 0.1, (s, naive, ours)

@@ -1,9 +1,8 @@
 """Every classroom notebook in notebooks/ executes top to bottom (nbclient, a fresh python3 kernel), so that none of
 them silently rots when a method file changes. The notebooks make their own checks visible (printed exact identities,
-figures); this test asserts that every cell runs, that each notebook shows its figures inline, and that it stays within its
-CPU budget (45 s on 2 idle cores; the limit below allows for a loaded CI machine)."""
+figures); this test asserts that every cell runs and that each notebook shows its figures inline. It asserts no time:
+how long they take is measured by `python bench_speed.py --notebooks` (README), not here."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-TIME_LIMIT_S = 150  # per notebook, wall clock: 45 s measured on idle cores, x3 for a shared machine
 
 
 def test_there_are_four_notebooks():
@@ -23,12 +21,12 @@ def test_there_are_four_notebooks():
 def test_notebook_executes(path):
     book = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") for c in book.cells if c.cell_type == "code"), "commit notebooks with outputs stripped"
-    start = time.time()
-    client = nbclient.NotebookClient(book, timeout=TIME_LIMIT_S, kernel_name="python3",
+    # no cell time limit (timeout=None). The two waits below return as soon as the kernel answers; they are generous so
+    # that a loaded machine neither fails to start the kernel nor drops a figure's output message (nbclient's defaults,
+    # 60 s and 4 s, are speed assumptions).
+    client = nbclient.NotebookClient(book, timeout=None, startup_timeout=600, iopub_timeout=60, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError with the failing cell and its traceback
-    elapsed = time.time() - start
     figures = sum(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
                   for c in book.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert figures >= 2, f"{path.name}: only {figures} inline figures"
-    assert elapsed < TIME_LIMIT_S, f"{path.name} took {elapsed:.0f} s"

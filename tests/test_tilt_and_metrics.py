@@ -108,3 +108,28 @@ def test_voronoi_mode_mass_and_off_manifold_fraction():
     tail = math.exp(-4.5)
     assert abs(toy2d.off_manifold_fraction(x, mixture) - tail) < 4.5 * math.sqrt(tail * (1 - tail) / n)
     assert toy2d.off_manifold_fraction(2.5 * x, mixture) > 0.999  # pushed radially off the ring (r = 5: 12 stds out)
+
+
+def test_mode_width_ratios_of_exact_samples_stay_in_their_sampling_band_and_narrow_modes_are_caught():
+    """The per-mode width metric, against exact answers. Its sampling band: a mode's std from N = 2 m scalar
+    deviations (m samples within 3 stds, 2 coordinates) has relative standard error ~ 1 / sqrt(2 N); the ratio of two
+    such estimates (student, reference) ~ sqrt(2) / sqrt(2 N) = 1 / sqrt(2 m), 3.2% at m = 500 (4000 samples over 8
+    modes). Over 8 modes, |z| < 3.3 on all of them with probability ~0.99, so exact samples must give ratios within
+    1 +- 3.3 / sqrt(2 m) = 1 +- 0.104: checked on 5 independent draws. A mixture whose modes are 0.15 wide instead of 0.25
+    (energy distance only ~0.003 from the teacher, 2x the noise floor) must read 0.6 within the same band."""
+    import toy2d
+    from toy2d.metrics import energy_distance, mode_width_ratios
+
+    ring = toy2d.make_mixture("ring8")
+    narrow = toy2d.make_mixture("ring8", spread=0.6 * float(ring.std))
+    band = 3.3 / (2 * 4000 / 8) ** 0.5
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        reference, samples = ring.sample(4000, gen), ring.sample(4000, gen)
+        widths = mode_width_ratios(samples, reference, ring)
+        assert 1 - band < widths["mode_width_min"] and widths["mode_width_max"] < 1 + band, widths
+    gen = torch.Generator().manual_seed(9)
+    reference, thin = ring.sample(4000, gen), narrow.sample(4000, gen)
+    widths = mode_width_ratios(thin, reference, ring)
+    assert 0.6 - band < widths["mode_width_min"] and widths["mode_width_max"] < 0.6 + band, widths
+    assert energy_distance(thin, reference) < 0.01  # what energy distance alone would have let through

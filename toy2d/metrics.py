@@ -59,3 +59,27 @@ def max_relative_mass_error(x, mixture, radius_std=None):
 def off_manifold_fraction(x, mixture, radius_std=3.0):
     """Fraction of samples farther than radius_std mode-stds from every mode (bridges between modes, reward hacking)."""
     return float((mode_assignment(x, mixture, radius_std) < 0).double().mean())
+
+
+def mode_widths(x, mixture, radius_std=3.0):
+    """Per-mode sample std (K,): sqrt of the mean squared deviation (over both coordinates) of the samples within
+    radius_std mode-stds of mode k from their own mean; NaN for a mode with fewer than 2 such samples."""
+    k = mode_assignment(x, mixture, radius_std)
+    x = x.double()
+    out = torch.full((mixture.n_modes,), float("nan"), dtype=torch.float64)
+    for j in range(mixture.n_modes):
+        pts = x[k == j]
+        if pts.shape[0] >= 2:
+            out[j] = ((pts - pts.mean(0)) ** 2).sum(1).mean().div(x.shape[1]).sqrt()
+    return out
+
+
+def mode_width_ratios(samples, reference, mixture, radius_std=3.0):
+    """Each mode's width against the teacher's, both measured by mode_widths on the same rule (so the truncation at
+    radius_std cancels): {"mode_width_min", "mode_width_max"}, the smallest and largest ratio over the modes that hold
+    samples. Energy distance barely sees widths: exact modes of std 0.15 instead of 0.25 on the ring score 0.003."""
+    ratio = mode_widths(samples, mixture, radius_std) / mode_widths(reference, mixture, radius_std)
+    ratio = ratio[~ratio.isnan()]
+    if ratio.numel() == 0:
+        return {"mode_width_min": float("nan"), "mode_width_max": float("nan")}
+    return {"mode_width_min": float(ratio.min()), "mode_width_max": float(ratio.max())}

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .metrics import energy_distance, energy_floor, max_relative_mass_error, modes_covered, off_manifold_fraction
+from .metrics import (energy_distance, energy_floor, max_relative_mass_error, mode_width_ratios, modes_covered,
+                      off_manifold_fraction)
 from .mixture import PATHS, make_mixture, path_alpha
 from .rewards import Reward
 
@@ -63,6 +64,7 @@ class ToyWorld:
         reward="linear",
         reward_angle=0.0,
         reward_target=(2.0, 0.0),
+        n_fakes=1,
         hidden=128,
         depth=3,
         seed=0,
@@ -74,6 +76,8 @@ class ToyWorld:
             raise ValueError(f"timestep shift must be > 0, got {shift}")
         if n_classes < 0:
             raise ValueError(f"n_classes must be >= 0 (0: unconditional), got {n_classes}")
+        if n_fakes < 1:
+            raise ValueError(f"n_fakes must be >= 1, got {n_fakes}")
         self.mixture = make_mixture(mixture, spread, n_classes)
         self.mixture_name = mixture
         self.path = path
@@ -90,6 +94,9 @@ class ToyWorld:
                 "fake": Adapter(n_classes + 1, hidden, depth).to(self.device),
                 "generator": Adapter(n_classes + 1, hidden, depth).to(self.device),
             }
+            for k in range(1, n_fakes):  # per-step fake scores "fake1", ... (after the first two: their init is unchanged)
+                self.adapters[f"fake{k}"] = Adapter(n_classes + 1, hidden, depth).to(self.device)
+        self.adapter_roles = ["generator"] + [r for r in self.adapters if r != "generator"]
         extent = float(self.mixture.means.abs().max() + 4 * self.mixture.std)
         self.plot_limit = math.ceil(extent * 2) / 2  # fixed axes [-L, L]^2 for every figure of this mixture
 
@@ -132,10 +139,11 @@ class ToyWorld:
     # ---- the three roles ----
     def x0(self, role, x, sigma, cond, cfg=1.0, adapter_scale=1.0):
         """x0-prediction (n, 2) of a role at level sigma, with classifier-free guidance cfg.
-        teacher: the exact mixture denoiser; fake / generator: teacher + adapter_scale * that role's adapter.
+        teacher: the exact mixture denoiser; fake / generator (and per-step fakes fake1, ...): teacher + adapter_scale *
+        that role's adapter.
         DynaDG's real score is x0("fake", ..., cfg=w, adapter_scale=lambda): teacher + lambda * fake adapter."""
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; valid roles: {', '.join(ROLES)}")
+        if role != "teacher" and role not in self.adapters:
+            raise ValueError(f"unknown role {role!r}; valid roles: teacher, {', '.join(self.adapters)}")
         sigma = self._per_sample(sigma, x)
         pred = self._x0_branch(role, x, sigma, cond, adapter_scale)
         if cfg == 1.0 or bool((cond == self.null_label).all()):
@@ -147,9 +155,17 @@ class ToyWorld:
         """Trainable parameters of the role's adapter (the teacher has none)."""
         return list(self.adapters[role].parameters())
 
+    def lora_factors(self, role):
+        """Low-rank factors of a LoRA adapter: None here (the toy adapters are MLPs)."""
+        return None
+
     def reward(self, x0, cond):
         """Differentiable per-sample reward (n,) of clean samples."""
         return self.reward_fn(x0)
+
+    def reward_terms(self, x0, cond):
+        """The reward's terms {name: (weight, per-sample score (n,))}, whose weighted sum is reward(): one term here."""
+        return {self.reward_fn.name: (1.0, self.reward(x0, cond))}
 
     def decode(self, x0):
         """Toy samples are already 'pixels'."""
@@ -161,15 +177,19 @@ class ToyWorld:
         torch.save(self.adapters[role].state_dict(), Path(directory) / f"{role}.pt")
 
     def load(self, role, directory):
+        """Load the role's adapter from directory/<role>.pt (weights only: a checkpoint cannot run code)."""
         path = Path(directory) / f"{role}.pt"
         if not path.exists():
             raise FileNotFoundError(f"no {role} checkpoint at {path}")
-        self.adapters[role].load_state_dict(torch.load(path, map_location=self.device))
+        self.adapters[role].load_state_dict(torch.load(path, map_location=self.device, weights_only=True))  # tensors only
 
     # ---- evaluation and figures ----
-    def evaluate(self, samples, cond, beta=None, reference_size=4000, seed=1234):
+    def evaluate(self, samples, cond, beta=None, steps=None, reference_size=4000, seed=1234):
         """Metrics of generator samples against the teacher p(x | cond) (and the exact tilted teacher when beta is given):
-        energy distance and its noise floor, modes covered, worst relative mode-mass error, mean reward, mean teacher log-density."""
+        energy distance and its noise floor, modes covered, worst relative mode-mass error, per-mode widths against the
+        teacher's, mean reward, mean teacher log-density. steps: every student step's x0 outputs (a list of K (n, 2)
+        tensors, the last one = samples): their energy distances (energy_distance_step{k}) and that of their mixture
+        (sample i taken from step i mod K: energy_distance_mixture, same floor as the final samples')."""
         gen = torch.Generator().manual_seed(seed)
         samples = samples.detach().cpu().float()
         cond = cond.cpu()
@@ -182,10 +202,17 @@ class ToyWorld:
             "modes_covered": modes_covered(samples, self.mixture),
             "n_modes": self.mixture.n_modes,
             "max_mode_mass_error": max_relative_mass_error(samples, self.mixture),
+            **mode_width_ratios(samples, reference, self.mixture),
             "off_manifold": off_manifold_fraction(samples, self.mixture),
             "mean_reward": float(self.reward(samples, cond).mean()),
             "teacher_logp": float(self.mixture.log_prob(samples, cond=cond).mean()),
         }
+        if steps is not None:
+            outputs = [s.detach().cpu().float() for s in steps]
+            for k, x in enumerate(outputs):
+                out[f"energy_distance_step{k}"] = energy_distance(x, reference)
+            mixture = torch.stack(outputs)[torch.arange(n) % len(outputs), torch.arange(n)]  # (n, 2)
+            out["energy_distance_mixture"] = energy_distance(mixture, reference)
         if beta is not None and self.reward_fn.name in ("linear", "quadratic"):
             tilted = self.reward_fn.tilt(self.mixture, beta)
             ref_tilted = tilted.sample(reference_size, gen, ref_cond)
@@ -194,17 +221,20 @@ class ToyWorld:
         return out
 
     def plot_samples(self, samples, path, title="", beta=None):
-        """Scatter samples over the teacher's density contours on fixed axes (and the tilted teacher's, dashed)."""
+        """Scatter samples over the teacher's density contours (solid) on fixed axes, and the tilted teacher's
+        (dashed) when beta is given and the reward has a closed-form tilt."""
         from .plots import plot_samples
 
         tilted = self.reward_fn.tilt(self.mixture, beta) if beta and self.reward_fn.name != "radius" else None
-        plot_samples(samples, self.mixture, path, title, self.plot_limit, tilted)
+        plot_samples(samples, self.mixture, path, title, self.plot_limit, tilted, f"tilted teacher, beta={beta:g}"
+                     if tilted is not None else None)
 
-    def plot_curves(self, history, keys, path, title=""):
-        """Metric curves (one panel per key) from metrics.jsonl records."""
+    def plot_curves(self, history, keys, path, title="", stage_boundaries=None):
+        """Metric curves (one panel per key, 3 a row) from metrics.jsonl records: energy distances with their noise
+        floor, stage boundaries marked (None: where the records' "stage" changes)."""
         from .plots import plot_curves
 
-        plot_curves(history, keys, path, title)
+        plot_curves(history, keys, path, title, stage_boundaries)
 
     # ---- internals ----
     def _x0_branch(self, role, x, sigma, cond, adapter_scale):
