@@ -74,7 +74,8 @@ def toy_args(method, fraction, seed, output_dir):
                                                progress=False))
     updates, others = STEP_FIELDS[method]
     for name in updates + others:
-        setattr(args, name, max(1, round(getattr(args, name) * fraction)))
+        if getattr(args, name) is not None:  # None: derived by the method (gdmd's cold start: half of num_steps)
+            setattr(args, name, max(1, round(getattr(args, name) * fraction)))
     module.validate(args)
     return module, args, sum(getattr(args, name) for name in updates)
 
