@@ -41,13 +41,14 @@ def test_ode_backward_simulation_improves_a_4_step_student_where_dmd2s_does_not(
     teacher-initialised sampler (0.029); with the authors' ode rollout the fake trains on final samples and the final
     samples improve. Same seed, same initial student, 300 stage-1 updates (DynaDG + DynaRS over 150, no RT-DM), each
     arm evaluated with its own sampler; means over the evaluations at steps 150, 225, 300 (damping the wander).
-    Measured, 600 updates, seeds 0 / 1 / 2: sde 0.026 / 0.119 / 0.033, ode 0.0057 / 0.0036 / 0.0097 (floor 0.0013).
+    Measured here (2000 evaluation samples, floor 0.0019): sde 0.057, ode 0.0046. At 600 updates, seeds 0 / 1 / 2: sde
+    0.026 / 0.119 / 0.033, ode 0.0057 / 0.0036 / 0.0097 (4000 samples, floor 0.0013).
     Thresholds: ode below half of the teacher-initialised ode sampler (0.018) and below a third of sde; sde not
     below the sde sampler's start (0.029 x 0.7: its mixture matches while the last step need not)."""
     late = {}
     for sampler in dmdr.SAMPLERS:
         out = run(tmp_path, sampler, student_steps=4, sampler=sampler, stage1_steps=300, stage2_steps=0, dynamic_steps=150,
-                  rt_dm=False, eval_every=75, seed=0)
+                  rt_dm=False, eval_every=75, eval_samples=2000, seed=0)
         ed = evals(out)
         late[sampler] = sum(ed[s] for s in (150, 225, 300)) / 3
         late[sampler + "_start"] = ed[0]
@@ -96,30 +97,30 @@ def test_rt_dm_converges_to_the_untilted_teacher(tmp_path):
 #                     the dynamic cold start (v1 table 4, v2 fig. 6): not reproduced on the toy
 # =====================================================================================================
 
-COLD_ARMS = {"plain": dict(dyna_dg=False, dyna_rs=False), "dyna_dg": dict(dyna_rs=False), "dyna_rs": dict(dyna_dg=False),
-             "both": dict()}
+COLD_ARMS = {"plain": dict(dyna_dg=False, dyna_rs=False), "dyna_rs": dict(dyna_dg=False), "both": dict()}
 
 
 def test_dynars_stalls_the_toy_cold_start(tmp_path):
     """The paper's cold start: the first phase of distilling a teacher-initialised student whose few-step samples are
     blurry averages. On the toy that is the 1-step student, which maps every noise to the mixture mean (energy
     distance 1.44). Arms: plain DMD, DynaDG only, DynaRS only, both; the same lora_scale_f 2 in every arm (the authors
-    keep it with the dynamics off), no RT-DM, dynamic_steps 300, seeds 0-3, energy distance at update 100.
+    keep it with the dynamics off), no RT-DM, dynamic_steps 300, energy distance at update 100 (this test runs plain,
+    DynaRS only and both on seeds 0-2, to stay under a minute of CPU; DynaDG only is in the numbers below).
     The paper: the dynamics speed the cold start up. The toy: DynaRS delays the escape from the collapse (first
     evaluation below 1.0, every 25 updates, seeds 0-5: plain 75-100, DynaDG 75-100, DynaRS 125-275, both 75-200), and
     at the end the plain arm is ahead (seeds 0-2, ED at updates 150 / 300 / 600: plain 0.33 / 0.18 / 0.016, DynaDG
     0.36 / 0.068 / 0.031, DynaRS 1.10 / 0.24 / 0.058, both 0.34 / 0.26 / 0.025). DynaDG alone is ahead at update 300
     (dynamic_steps) on every seed, and behind at 600. Why DynaRS stalls: see the next test.
-    Asserted (means over seeds 0-3 at update 100; measured plain 0.38, DynaDG 0.51, DynaRS 1.33, both 1.17; a
+    Asserted (means over seeds 0-2 at update 100; measured plain 0.39, DynaRS 1.30, both 1.10 (DynaDG 0.56); a
     collapsed student scores 1.44, an escaped one 0.3-0.6): DynaRS and both above twice plain, plain below 0.6."""
     ed = {name: [] for name in COLD_ARMS}
-    for seed in range(4):
+    for seed in range(3):
         for name, kw in COLD_ARMS.items():
             out = run(tmp_path, f"{name}{seed}", stage1_steps=100, stage2_steps=0, dynamic_steps=300, rt_dm=False,
                       eval_every=100, eval_samples=1000, seed=seed, **kw)
             ed[name].append(out["final"]["energy_distance"])
     mean = {k: sum(v) / len(v) for k, v in ed.items()}
-    print("cold start, ED at update 100, seeds 0-3:", {k: [round(x, 3) for x in v] for k, v in ed.items()})
+    print("cold start, ED at update 100, seeds 0-2:", {k: [round(x, 3) for x in v] for k, v in ed.items()})
     assert mean["plain"] < 0.6
     assert mean["dyna_rs"] > 2 * mean["plain"] and mean["both"] > 2 * mean["plain"]
 
