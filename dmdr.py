@@ -1,11 +1,11 @@
-"""DMDR: Distribution Matching Distillation meets Reinforcement Learning (Jiang et al., v2), two stages in one command.
+"""DMDR: Distribution Matching Distillation meets Reinforcement Learning (Jiang et al., v1 and v2), two stages in one command.
 
-    python dmdr.py                                   # toy world: ring8, linear reward, stage 1 + stage 2 (ReFL), ~1 min on 2 cores
+    python dmdr.py                                   # toy world: ring8, linear reward, 1-step student, stage 1 + stage 2 (ReFL)
     python dmdr.py --rl dpo                          # stage 2 with Diffusion-DPO pairs instead of ReFL (also: grpo, none)
     python dmdr.py --no-dmd                          # "RL only" ablation (paper fig. 4): stage 2 without the DMD loss
     python dmdr.py --no-rt-dm --no-dyna-dg --no-dyna-rs --stage2-steps 0 --lora-scale-f 1   # plain DMD2 (= dmd.py)
-    python dmdr.py --stage1-steps 0 --stage2-steps 500 --lambda-rl 1.0
-    python dmdr.py --model sd3-medium                # SD3-Medium, DMDR's recipe (GPU; reward CLIP + HPSv2.1: pip install hpsv2)
+    python dmdr.py --student-steps 4 --sampler ode   # a 4-step student with the authors' ODE backward simulation
+    python dmdr.py --model sd3-medium                # SD3-Medium, the authors' recipe (GPU; CLIP + HPSv2.1: pip install hpsv2)
     python dmdr.py --model sd3-medium --t2i-reward clip:0.3:0.7 --model-path DIR  # without hpsv2, local weights
     torchrun --nproc_per_node 8 dmdr.py --model sd3-medium  # data parallel (--batch-size is per GPU, 8 in the paper)
     python dmdr.py --help                            # every option, with its default
@@ -14,50 +14,105 @@ A run writes runs/dmdr__<model>__<seed>__<time>/: config.json, metrics.jsonl (lo
 checkpoint/ (the latest good generator and fake adapters), samples_stage1.png and samples_stage2.png (student samples
 after each stage over the teacher's contours), curves.png (losses, reward, teacher log-density, energy distance).
 
-The algorithm (paper v2 section numbers and equations):
-    DMD2 backbone (sec. 2.1, eq. 1): a K-step student G = teacher + generator adapter, sampled by backward simulation;
-        a fake score (teacher + fake adapter) trained with the diffusion loss on the student's samples (TTUR);
+The algorithm (paper v2 section numbers and equations; the authors' values: notes/recipes.md sections 1-2):
+    DMD2 backbone (sec. 2.1, eq. 1): a K-step student G = teacher + generator adapter; a fake score (teacher + fake
+        adapter) trained with the diffusion loss on the student's samples, 5 fake updates per generator update (TTUR);
         normalised DMD gradient (p_real - p_fake) / mean|p_real| applied through 0.5 * mse(x, sg(x - grad)).
+        Backward simulation, --sampler:
+        sde  DMD2's: pick a step k, run the steps before it without grad (x0 = G(x, sigma_j), renoised to sigma_{j+1}
+             with fresh noise), train the generator's x0 at step k; the fake trains on such x0 of random steps.
+        ode  the authors' SD3 scripts (`--sample-type ode`): a deterministic Euler rollout of all K steps (no grad,
+             no CFG) gives the FINAL sample; it is re-noised with fresh noise to one of the K student levels (drawn per
+             sample) and the generator's x0 from there carries the grad; the fake trains on the final samples.
+             The student is then sampled with the same Euler rollout (the authors' sampler in ode mode).
+        With K = 1 the two are the same thing.
     Stage 1, cold start:
-        RT-DM (sec. 2.4, eq. 4): the per-sample DMD gradient is multiplied by w_i = exp(r_i / ||r||), with r_i the
-            reward (no gradient) of the student's COMPLETE K-step rollout through the trained sample.
-            Ours (the paper leaves it open): ||r|| = RMS of the batch's rewards, sqrt(mean_i r_i^2) (a batch-size-free
-            L2 norm), and the weights are renormalised to mean 1 (self-normalised importance weights of the tilted
-            target), so the DMD step size is unchanged and a constant reward gives exactly plain DMD.
-        DynaDG (sec. 2.5): real score = teacher + lora_scale_r(step) * FAKE adapter, with
+        RT-DM (sec. 2.4, eq. 4): the per-sample DMD gradient is multiplied by w_i = exp(beta r_i / ||r||), r_i the reward
+            (no gradient) of the sample's COMPLETE K-step rollout; the weights are renormalised to mean 1 (a constant
+            reward gives exactly plain DMD). The paper leaves ||r|| open. Ours (--rt-dm-norm std): the batch's standard
+            deviation of r, so that the weights are invariant to r -> r + c and r -> a r (a > 0); the paper-literal
+            uncentred RMS (--rt-dm-norm rms) makes them depend on the reward's offset: CLIP / HPS cosines (mean 0.2, std
+            0.01) give weights within ~0.9-1.1, a tilt 20x weaker than the std form's (std / rms = 0.05), a near no-op.
+            What RT-DM is: a reweighting of the DMD dynamics, not a new target. Eq. 4's second line does not follow
+            from its first: multiplying each sample's gradient s_real - s_fake by a positive weight does not move the
+            gradient's zero, so with exact scores the student still converges to the UNTILTED teacher p (where
+            s_fake = s_real for every sample), never to p exp(r) / Z. What it changes is the path: samples with a high
+            reward take larger steps, so at a fixed budget the reward can be higher (the paper's fig. 5 is at a fixed
+            budget). Both are measured on the toy (below): the fixed point holds, the fixed-budget gain does not show.
+        DynaDG (sec. 2.5): real score = teacher + lora_scale_r(step) * FAKE adapter (with CFG), with
             lora_scale_r(step) = lora_scale_r0 * 0.5 (1 + cos(pi step / dynamic_steps)), 0 from dynamic_steps on;
             fake score = teacher + lora_scale_f * fake adapter (also the scale the fake-score loss trains it at).
-        DynaRS (sec. 2.5): the renoise level u ~ Beta(a_c, b_c), a_c = 1 + (a - 1) c, b_c = 1 + (b - 1) c,
-            c = 0.5 (1 + cos(pi min(step / dynamic_steps, 1))): Beta(4, 1.5) (high noise) at step 0, U(0, 1) from
-            dynamic_steps on; used for the DMD renoise and the fake-score update. u is a pre-shift time (the world
-            applies its shift); the DMD renoise maps it to [renoise_min, renoise_max] as DMD2's U[0.02, 0.98] does.
+        DynaRS (sec. 2.5): the noise level of the DMD renoise and of the fake-score update is drawn directly as
+            sigma ~ Beta(a_c, b_c), a_c = 1 + (a - 1) c, b_c = 1 + (b - 1) c, c = 0.5 (1 + cos(pi min(step / dynamic_steps,
+            1))): Beta(4, 1.5) (mean 0.73, high noise) at step 0, U(0, 1) from dynamic_steps on. As the authors draw it:
+            no timestep shift and no mapping into DMD2's [0.02, 0.98] (sigma is the network's time; ours: floored at
+            0.001, the authors' lowest level). --no-dyna-rs: DMD2's levels (pre-shift t ~ U[0.02, 0.98] for the DMD
+            renoise, U(0, 1) for the fake, both through the world's shift).
         The schedules count generator updates over both stages (step 0 = the first update of stage 1).
     Stage 2, joint DMD + RL (sec. 2.3, eq. 3): L = L_dmd + lambda_rl * L_rl, with L_rl one of
-        refl  ReFL: -mean r(x0), the reward's gradient through the generator's x0 prediction at the backward-simulated step
+        refl  ReFL: the hinge mean relu(margin - r(x0)) (the authors' relu(0.7 - s)), the reward's gradient through the
+              generator's x0 at the backward-simulated input. Text-to-image: the caps of --t2i-reward are the hinge
+              (clip:0.3:0.7 is 0.3 relu(0.7 - clip) up to a constant) and lambda_rl = 1 (the authors add the hinges to the
+              DMD loss with weights 0.3 each, no further factor).
         dpo   Diffusion-DPO: groups of complete rollouts, winner = best and loser = worst reward of each group; both are
               noised with shared noise to a student level and the generator's denoising errors are compared with
               those of the reference (the generator frozen at the start of stage 2)
-        grpo  group-normalised advantages, log-probabilities of the stochastic few-step sampler (the DMD2 sampler's
-              renoise steps are Gaussian transitions N(alpha x0_k, sigma_{k+1}^2 I)), PPO clipped ratio
+        grpo  group-normalised REINFORCE: advantages normalised within each group of rollouts (GRPO's), times the
+              log-probabilities of the stochastic sampler's renoise transitions N(alpha x0_k, sigma_{k+1}^2 I), one
+              policy update per rollout. (With one update per rollout PPO's ratio is exactly 1 and its clip never acts,
+              so there is none. The rollouts use the sde sampler whatever --sampler is: the ode one has no density.)
         none  keep distilling
     --no-dmd drops L_dmd in stage 2 (the "RL only" ablation; the fake score is then not updated).
+    Stage 2 has its own batch size and learning rates where the authors' scripts do (SD3: 4, 5e-7 / 2e-7).
 
-Measured on the toy (ring8, s = 0.25, linear reward, tests/test_dmdr.py settings, seeds 0-2; teacher samples: mean
-reward 0, mean teacher log-density -2.13):
-    stage 1, 600 steps: RT-DM mean reward 0.08 / 0.46 / 0.43 vs plain DMD -0.22 / -0.12 / 0.09, log-density within
-        0.3 nats of DMD's (mean of the evaluations at steps 300-600);
-    stage 2, 200 steps from the RT-DM checkpoint: joint DMD + ReFL reward 1.39 / 1.71 / 1.86 at log-density -2.3 / -3.8 /
-        -3.2, DMD only 0.0 / 0.2 / 0.4 at -2.4 / -2.8 / -2.5, ReFL alone 5e8 to 6e9 at below -1e18 (reward hacking);
-    cold start from a student shifted off the teacher (ED ~9): energy distance after 36 steps, mean of seeds 1-5,
-        DynaDG + DynaRS 0.081 vs plain DMD 0.129 (behind in 2 of 5 seeds; in one seed run per component, DynaRS
-        alone gave the gain and DynaDG alone none).
-    DPO and GRPO raise the reward (RL only: +1.4 to +2.0 in 20 steps) but joint runs from the teacher-initialised student
-    are unstable on the toy at lambda_rl = 0.5 and 0.1 (log-density swings to -30 and back); ReFL is the default.
+Measured on the toy (ring8, s = 0.25, linear reward r = x_1; teacher samples: mean reward 0, log-density -2.13;
+energy-distance floor 0.0013; tests/test_dmdr_claims.py and tests/test_dmdr_claims_stage2.py; seeds 0 / 1 / 2):
+    `python dmdr.py` (1-step student, 600 + 300 updates of 256): 34 s of CPU on one thread (83 s wall on 2 busy
+        cores); seed 0: energy distance 1.44 -> 0.050 after stage 1 (8 modes), then reward 0.67 (from -0.06) at
+        log-density -4.7 (from -4.2), 8 modes, after stage 2.
+    stage 1, 600 updates from the teacher-initialised student (energy distance 1.44: every sample on the mixture mean):
+        RT-DM 0.053 / 0.044 / 0.048, plain DMD (with DynaDG + DynaRS) 0.032 / 0.023 / 0.021; mean reward at updates
+        200 / 400 / 600: RT-DM 0.03 -0.12 -0.09 | 0.18 -0.15 -0.25 | 0.01 0.01 0.21, DMD -0.02 0.05 -0.15 | 0.08 0.04
+        -0.03 | -0.08 -0.02 -0.12. Not reproduced: RT-DM's faster preference alignment at a fixed budget (v2 fig. 5).
+        RT-DM's fixed point, 1600 updates: energy distance to p 0.035 / 0.025 / 0.023, to the tilted teacher its weights
+        would imply (beta / std_p(r) = 0.69) 0.50 / 0.65 / 0.67, mean reward over updates 800-1600 -0.02 / 0.04 / -0.07
+        (the tilt's: 1.18). RT-DM slows the escape from the collapse (its std-normalised weights are as strong on a
+        collapsed batch as on a diverse one) and, with K >= 2, destabilises the toy: K = 2 diverges on seeds 0 and 1
+        with either ||r|| (and at beta 0.5), K = 4 ode on seed 1 with dynamic_steps 150.
+    cold start (v1 table 4, v2 fig. 6), no RT-DM, lora_scale_f 2 in every arm, energy distance at updates 150 / 300 /
+        600 (dynamic_steps 300), mean of seeds 0-2: plain 0.33 / 0.18 / 0.016, DynaDG 0.36 / 0.068 / 0.031, DynaRS
+        1.10 / 0.24 / 0.058, both 0.34 / 0.26 / 0.025; first evaluation below 1.0 (every 25, seeds 0-5): plain 75-100,
+        DynaDG 75-100, DynaRS 125-275, both 75-200. Not reproduced: the dynamics do not speed the toy's cold start up;
+        DynaRS stalls it (at high noise the outward signal that expands a collapsed student is 0.6-0.7 of DMD2's per
+        unit of noise, computed with exact scores). DynaDG alone is ahead at dynamic_steps on every seed, behind at 600.
+    stage 2, 300 updates from the same stage-1 checkpoint, mean reward / teacher log-density (seeds 0 / 1; the start:
+        -0.09 / -4.26 and -0.25 / -3.19):
+        DMD only -0.07 / -3.23 and -0.24 / -3.41; DMD + ReFL (lambda 0.3, margin 3) 1.03 / -4.71 and 0.78 / -3.70
+        (8 modes); DMD + ReFL at the paper's 0.5: 1.34 / -5.08 and 1.23 / -5.35 (32-33% of samples off the ring);
+        DMD + DPO (0.5) 0.41 / -4.21 and 0.38 / -3.57 (8 modes); ReFL alone 10.2 / -605 and 14.1 / -1296 (every
+        sample off the ring); DPO alone 4.3 / -71 and 2.6 / -35.
+        GRPO (K >= 2; K = 4, 300 + 300 updates, seed 0): joint at lambda 0.5 swings (sde: reward 1.0 -> -1.8, 1-4 modes)
+        or diverges (ode); at 0.05 it stays on the ring without a steady reward gain (-0.12 / 0.91 / -0.13 at 100 /
+        200 / 300). Not reproduced: a stable joint DMD + GRPO on the toy.
+    the hacking boundary of joint DMD + ReFL (stage 2 from a plain cold start, seeds 0 / 1): linear reward (raised on
+        the ring by reweighting modes): on the ring for lambda <= 0.3 at margins 2, 3 and none; from lambda 1 at the
+        margin (margin 2: collapse onto the right-hand modes, on the ring; 3: every sample at x_1 = 3, off; none:
+        diverges). Radius reward (raised only off the ring): margin 2 (the ring itself) on the ring at every lambda up
+        to 3; margin 3 or none: 9-23% off at lambda 0.1, 28-47% at 0.3, every sample at the margin or diverging from 1.
+    backward simulation, K = 4, 600 updates (DynaDG + DynaRS, no RT-DM): DMD2's sde 0.026 / 0.119 / 0.033 (from its
+        teacher-initialised 0.029: the fake tracks the mixture of the 4 steps), the authors' ode 0.0057 / 0.0036 /
+        0.0097 (from 0.018; seed 0 at 700-900 updates: 0.002-0.003). The ode-trained student sampled with sde: 0.023
+        / 0.011 / 0.018. Not reproduced at K = 2: the ode student
+        diverges (seed 0 after update 600, seed 2 before it; seed 1 intact at 600): the generator never trains on its
+        own Euler states (only on re-noised final samples), and at K = 2 its second step sees 0.5 G(z) + 0.5 z, far from
+        the 0.5 x + 0.5 eps it trains on.
+The toy's default sampler is sde: at its default K = 1 the two are the same algorithm, and eval.py samples dmdr runs
+with DMD2's sampler. With --student-steps 4 pass --sampler ode (the measurements above).
 
 Conventions: sigma in [0, 1], sigma = 1 is pure noise. Flow worlds (toy flow, SD3): x = (1 - sigma) x0 + sigma eps.
 VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1] maps to sigma = world.sigma(t)
-(SD3's shift). The algorithm below sees only x0-predictions, world.renoise and world.reward, so it is identical on
-every world.
+(SD3's shift); the student's K levels are pre-shift times 1, 1 - 1/K, ..., 1/K. The algorithm below sees only
+x0-predictions, world.renoise and world.reward, so it is identical on every world.
 """
 
 import contextlib
@@ -75,8 +130,10 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-MODELS = ('toy2d', 'sd3-medium', 'sd3.5-medium', 'sd3.5-large', 'sdxl')  # toy2d/, and the presets of t2i/
+MODELS = ("toy2d", "sd3-medium", "sd3.5-medium", "sd3.5-large", "sdxl")  # toy2d/, and the presets of t2i/
 RL_LOSSES = ("refl", "dpo", "grpo", "none")
+SAMPLERS = ("sde", "ode")
+RT_DM_NORMS = ("std", "rms")
 
 
 @dataclass
@@ -91,9 +148,15 @@ class Args:
     eval_prompts: Optional[str] = None
     """text-to-image: held-out evaluation prompts (default: t2i/prompts/eval.txt)"""
     resolution: Optional[int] = None
-    """text-to-image: image size in pixels (default: the preset's, sd3 512, sdxl 1024)"""
+    """text-to-image: image size in pixels (default: the preset's; DMDR SD3-M 512, SD3.5-L 1024)"""
+    shift: Optional[float] = None
+    """timestep shift of the student's levels on a flow world (default: the world's own, SD3's scheduler 3, toy 1;
+    DMDR SD3.5-L: 5). DynaRS levels are not shifted (the authors' rule), so this moves the student's levels only"""
     t2i_reward: Optional[str] = None
     """text-to-image reward, name[:weight[:cap]],...: clip, pickscore, aesthetic, hpsv2, imagereward (dmdr: optimised by RT-DM and ReFL)"""
+    hps_prefix: Optional[str] = None
+    """text-to-image: text put before each prompt for the hpsv2 reward term (DMDR: "Realistic photo"; the other terms and
+    the evaluation metrics get the prompt itself); applies only when hpsv2 is in --t2i-reward"""
     reward_checkpoints: Optional[str] = None
     """text-to-image: local reward weights, name=PATH,... (e.g. clip=/models/clip-vit-large-patch14)"""
     lora_rank: Optional[int] = None
@@ -113,34 +176,45 @@ class Args:
     toy_classes: int = 0
     """toy class labels (mode k has label k % toy_classes); 0: unconditional"""
     toy_reward: str = "linear"
-    """toy reward: linear (r = d . x), quadratic (r = -|x - c|^2 / 2), radius (r = |x|, hackable)"""
+    """toy reward: linear (r = d . x), quadratic (r = -|x - c|^2 / 2), radius (r = |x|, raised only off the ring)"""
     toy_reward_angle: float = 0.0
     """toy linear reward's direction in degrees from the x axis: r = cos(a) x_1 + sin(a) x_2"""
     toy_reward_target: tuple[float, float] = (2.0, 0.0)
     """toy quadratic reward's target point c: r = -|x - c|^2 / 2"""
     # ---- student and DMD ----
-    student_steps: int = 4
-    """K, the number of student sampling steps (pre-shift levels 1, 1 - 1/K, ..., 1/K)"""
+    student_steps: Optional[int] = None
+    """K, the number of student sampling steps (pre-shift levels 1, 1 - 1/K, ..., 1/K) (toy2d: 1; text-to-image: 4)"""
+    sampler: Optional[str] = None
+    """backward simulation and sampling: sde (DMD2's, x0 renoised with fresh noise) or ode (the authors' SD3 scripts:
+    Euler rollout, its final sample re-noised to a random student level) (toy2d: sde; SD3 presets: ode; equal at K = 1)"""
     stage1_steps: Optional[int] = None
-    """generator updates of stage 1, the RT-DM cold start (toy2d: 1000; 0 skips it)"""
+    """generator updates of stage 1, the RT-DM cold start (toy2d: 600; DMDR SD3: 2000; 0 skips it)"""
     stage2_steps: Optional[int] = None
-    """generator updates of stage 2, joint DMD + RL (toy2d: 600; 0 skips it)"""
+    """generator updates of stage 2, joint DMD + RL (toy2d: 300; DMDR SD3-M: 2000; 0 skips it)"""
     batch_size: Optional[int] = None
-    """samples per generator update (toy2d: 256); in stage 2 with dpo / grpo: groups x group_size"""
+    """samples per generator update in stage 1, per GPU (toy2d: 256; DMDR SD3-M: 8)"""
+    stage2_batch_size: Optional[int] = None
+    """samples per generator update in stage 2, per GPU (default: batch_size; DMDR SD3-M: 4); dpo / grpo: groups x group_size"""
     lr_generator: Optional[float] = None
-    """generator adapter learning rate (toy2d: 1e-3)"""
+    """generator adapter learning rate in stage 1 (toy2d: 1e-3; DMDR SD3-M: 1e-6)"""
     lr_fake: Optional[float] = None
-    """fake-score adapter learning rate (toy2d: 1e-3)"""
+    """fake-score adapter learning rate in stage 1 (toy2d: 1e-3; DMDR SD3-M: 5e-7)"""
+    stage2_lr_generator: Optional[float] = None
+    """generator learning rate in stage 2 (default: lr_generator; DMDR SD3-M: 5e-7)"""
+    stage2_lr_fake: Optional[float] = None
+    """fake-score learning rate in stage 2 (default: lr_fake; DMDR SD3-M: 2e-7)"""
     weight_decay_generator: float = 0.01
     """AdamW weight decay of the generator adapter (the fake adapter has none)"""
     fake_updates_per_step: int = 5
     """TTUR: fake-score updates per generator update (DMDR: 5)"""
     guidance_scale: Optional[float] = None
     """classifier-free guidance of the real score (toy2d: 1.0; DMDR SD3-M: 7)"""
+    guidance_jitter: Optional[float] = None
+    """the real score's guidance is drawn from U(g - j, g + j) at each generator update (toy2d: 0; DMDR SD3: 0.5)"""
     renoise_min: float = 0.02
-    """lowest pre-shift time of the DMD renoise (DMD2: 0.02)"""
+    """with --no-dyna-rs: lowest pre-shift time of the DMD renoise (DMD2: 0.02)"""
     renoise_max: float = 0.98
-    """highest pre-shift time of the DMD renoise (DMD2: 0.98)"""
+    """with --no-dyna-rs: highest pre-shift time of the DMD renoise (DMD2: 0.98)"""
     grad_clip: float = 1.0
     """gradient-norm clipping of both adapters (0: off)"""
     micro_batch_size: Optional[int] = None
@@ -151,36 +225,41 @@ class Args:
     --no-gradient-checkpointing keeps the activations (~17% less time per step, measured on CPU)"""
     # ---- stage 1: RT-DM, DynaDG, DynaRS ----
     rt_dm: bool = True
-    """stage 1: reward-tilted DM (eq. 4), DMD gradient weighted by exp(r / ||r||) (--no-rt-dm: plain DMD)"""
+    """stage 1: reward-tilted DM (eq. 4), DMD gradient weighted by exp(beta r / ||r||) (--no-rt-dm: plain DMD)"""
     rt_dm_beta: float = 1.0
     """RT-DM tilt strength: weights exp(beta * r / ||r||) (paper: 1)"""
+    rt_dm_norm: str = "std"
+    """RT-DM's ||r||: std (ours: the batch's standard deviation, weights invariant to the reward's offset and scale) or
+    rms (paper-literal: the uncentred RMS, weights depend on the reward's offset)"""
     dyna_dg: bool = True
     """DynaDG: real score = teacher + lora_scale_r(step) * fake adapter (--no-dyna-dg: the teacher alone)"""
     lora_scale_f: float = 2.0
-    """fake score = teacher + lora_scale_f * fake adapter (DMDR SD3-M and SiT: 2.0; DMD2 / dmd.py: 1.0)"""
+    """fake score = teacher + lora_scale_f * fake adapter (DMDR SD3-M and SiT: 2.0, also with DynaDG off; DMD2: 1.0)"""
     lora_scale_r0: float = 0.5
     """DynaDG real-score adapter scale at step 0, annealed by a cosine to 0 (DMDR SD3-M: 0.5, SiT: 0.75)"""
     dynamic_steps: Optional[int] = None
-    """generator updates over which DynaDG and DynaRS anneal (toy2d: 500; DMDR SD3-M: 2000); 0: both off"""
+    """generator updates over which DynaDG and DynaRS anneal (toy2d: 300; DMDR SD3-M: 2000); 0: both off"""
     dyna_rs: bool = True
-    """DynaRS: renoise levels from the annealed Beta(a_c, b_c) (--no-dyna-rs: U(0, 1) as DMD2)"""
+    """DynaRS: noise levels drawn from the annealed Beta(a_c, b_c) (--no-dyna-rs: DMD2's levels)"""
     dyna_rs_a: float = 4.0
     """DynaRS Beta parameter a at step 0 (DMDR: 4)"""
     dyna_rs_b: float = 1.5
     """DynaRS Beta parameter b at step 0 (DMDR: 1.5)"""
     # ---- stage 2: joint DMD + RL ----
     rl: str = "refl"
-    """stage-2 RL loss: refl, dpo, grpo, none"""
-    lambda_rl: float = 0.5
-    """weight of the RL loss, L = L_dmd + lambda_rl * L_rl (eq. 3; paper default 0.5)"""
+    """stage-2 RL loss: refl, dpo, grpo (group-normalised REINFORCE), none"""
+    lambda_rl: Optional[float] = None
+    """weight of the RL loss, L = L_dmd + lambda_rl * L_rl (eq. 3) (toy2d: 0.3, below the measured hacking boundary, where
+    the paper's 0.5 already crosses it; text-to-image: 1, the weights are in --t2i-reward as the authors' scripts have them)"""
+    refl_margin: Optional[float] = None
+    """ReFL's hinge: L_rl = mean relu(margin - r) (toy2d: 3.0, above every mode's reward as the authors' 0.7 is above every
+    CLIP / HPS score; inf: -mean r). Text-to-image: none, the caps of --t2i-reward are the hinge"""
     dmd: bool = True
     """stage 2 keeps the DMD loss (--no-dmd: the "RL only" ablation)"""
     group_size: int = 8
     """dpo / grpo: rollouts per group (one condition per group)"""
     dpo_beta: float = 1.0
     """dpo: inverse temperature of the Diffusion-DPO logit on native-loss error differences"""
-    grpo_clip: float = 0.2
-    """grpo: PPO ratio clip epsilon (one update per rollout here, so the ratio is 1 and the clip is inactive)"""
     # ---- run ----
     seed: int = 0
     """random seed (adapter init, noise, renoise levels)"""
@@ -200,28 +279,51 @@ class Args:
     """show a tqdm progress bar"""
 
 
+# Every Args field that defaults to None gets its value here, per model. Text-to-image values are the authors' scripts
+# (notes/recipes.md section 1 row by row; section 2 for the mechanics); tests/test_dmdr_presets.py checks each one.
+_SD3 = dict(student_steps=4, sampler="ode", guidance_jitter=0.5, dynamic_steps=2000, eval_samples=16, lambda_rl=1.0,
+            hps_prefix="Realistic photo", lora_rank=64, lora_alpha=128, fake_lora_rank=32, fake_lora_alpha=32)
 MODEL_DEFAULTS = {
-    "toy2d": dict(eval_samples=4000, stage1_steps=1000, stage2_steps=600, batch_size=256, lr_generator=1e-3, lr_fake=1e-3,
-                  guidance_scale=1.0, dynamic_steps=500),
-    # text-to-image, DMDR's SD3-M recipe (notes/reference-implementations.md): 4 steps, batch 8 per GPU, lr 1e-6 / 5e-7,
-    # real CFG 7 (SD3.5: 4.5, as RTDMD's SD3.5-M), DynaDG / DynaRS over 2000 generator steps, generator LoRA r64 alpha128,
-    # fake r32 alpha32, ReFL on the hinge relu(0.7 - s) of CLIP and HPSv2.1 at weight 0.3 each (HPSv2.1 needs the optional
-    # hpsv2 package; without it pass --t2i-reward clip:0.3:0.7). Not reproduced: stage 2's lower rates (5e-7 / 2e-7) and
-    # batch 4, the CFG jitter, DFN5B CLIP (ours: openai ViT-L/14). Ours: the stage lengths. SDXL: DMD2's CFG 8 and LoRA lr 5e-5.
-    **{name: dict(stage1_steps=2000, stage2_steps=2000, batch_size=8, lr_generator=1e-6, lr_fake=5e-7,
-                  guidance_scale=7.0 if name == "sd3-medium" else 4.5, dynamic_steps=2000, eval_samples=16,
-                  t2i_reward="clip:0.3:0.7,hpsv2:0.3:0.7", lora_rank=64, lora_alpha=128, fake_lora_rank=32, fake_lora_alpha=32)
-       for name in ("sd3-medium", "sd3.5-medium", "sd3.5-large")},
-    "sdxl": dict(stage1_steps=2000, stage2_steps=2000, batch_size=4, lr_generator=5e-5, lr_fake=5e-5, guidance_scale=8.0,
-                 dynamic_steps=2000, eval_samples=16, t2i_reward="clip:0.3:0.7,hpsv2:0.3:0.7", lora_rank=64, lora_alpha=128,
-                 fake_lora_rank=32, fake_lora_alpha=32),
+    # toy2d: a 1-step student, the toy's cold start (teacher-initialised it maps every noise to the mixture mean, energy
+    # distance 1.44, as a few-step SD3 student starts from blurry averages; a 4-step one already samples the ring at 0.028);
+    # ReFL's hinge margin 3.0 lies above every mode's reward (the best mode scores 2), as 0.7 lies above CLIP / HPS scores;
+    # lambda_rl 0.3: joint DMD + ReFL stays on the ring up to 0.3 and leaves it from 0.5-1 on (tests/test_dmdr_claims_stage2.py),
+    # a scale of the toy's losses (the paper's 0.5 is one of SD3's).
+    "toy2d": dict(student_steps=1, sampler="sde", stage1_steps=600, stage2_steps=300, batch_size=256, lr_generator=1e-3,
+                  lr_fake=1e-3, guidance_scale=1.0, guidance_jitter=0.0, dynamic_steps=300, eval_samples=4000,
+                  lambda_rl=0.3, refl_margin=3.0),
+    # SD3-Medium (sd3/scripts/*/cold_start_sd3.sh, dmdr_sd3_refl.sh): 4 steps at shift 3 with the ODE backward simulation,
+    # 512 px, batch 8 then 4 per GPU, lr 1e-6 / 5e-7 then 5e-7 / 2e-7, real CFG 7 jittered U(6.5, 7.5), DynaDG 2.0 / 0.5
+    # and DynaRS Beta(4, 1.5) over 2000 steps, ReFL hinges relu(0.7 - s) on CLIP and HPSv2.1 (HPS text "Realistic photo
+    # <prompt>") at 0.3 each added to the DMD loss, 2000 + 2000 steps. Deviations: CLIP is openai ViT-L/14, not DFN5B
+    # ViT-H-14 (open_clip, a torchvision dependency); AdamW in fp32, not bitsandbytes' 8-bit AdamW.
+    "sd3-medium": dict(**_SD3, stage1_steps=2000, stage2_steps=2000, batch_size=8, stage2_batch_size=4, lr_generator=1e-6,
+                       lr_fake=5e-7, stage2_lr_generator=5e-7, stage2_lr_fake=2e-7, guidance_scale=7.0,
+                       t2i_reward="clip:0.3:0.7,hpsv2:0.3:0.7"),
+    # SD3.5-Large (*_sd35*.sh): shift 5, 1024 px, batch 4 then 2, lr 1e-6 / 2e-8 then 1e-7 / 5e-9, CFG 4.0 jittered
+    # U(3.5, 4.5), hinge weights 0.1, 2000 + 1000 steps (ReFL runs from step 2000 to 3001).
+    "sd3.5-large": dict(**_SD3, shift=5.0, resolution=1024, stage1_steps=2000, stage2_steps=1000, batch_size=4,
+                        stage2_batch_size=2, lr_generator=1e-6, lr_fake=2e-8, stage2_lr_generator=1e-7,
+                        stage2_lr_fake=5e-9, guidance_scale=4.0, t2i_reward="clip:0.1:0.7,hpsv2:0.1:0.7"),
+    # SD3.5-Medium: OURS, the authors have no recipe for it (only an argparse default names the model): SD3-M's values
+    # with RTDMD's SD3.5-M real CFG 4.5.
+    "sd3.5-medium": dict(**_SD3, stage1_steps=2000, stage2_steps=2000, batch_size=8, stage2_batch_size=4,
+                         lr_generator=1e-6, lr_fake=5e-7, stage2_lr_generator=5e-7, stage2_lr_fake=2e-7,
+                         guidance_scale=4.5, t2i_reward="clip:0.3:0.7,hpsv2:0.3:0.7"),
+    # SDXL: OURS, a 4-step LoRA student with DMD2's stochastic sampler and LoRA lr 5e-5. The authors' SDXL is another
+    # method: a 1-step FULL-UNet generator at t = 399 initialised from DMD2's ODE-pretrained checkpoint, lr 1e-7 / 5e-8,
+    # with DynaDG and DynaRS off (dynamic step 0, uniform levels). Taken from it: real CFG 7 jittered U(6.5, 7.5), batch
+    # 8 then 4, 3000 + 1000 steps, ReFL hinges 0.3 each, and DynaDG / DynaRS off.
+    "sdxl": dict(student_steps=4, sampler="sde", stage1_steps=3000, stage2_steps=1000, batch_size=8, stage2_batch_size=4,
+                 lr_generator=5e-5, lr_fake=5e-5, guidance_scale=7.0, guidance_jitter=0.5, dynamic_steps=0,
+                 eval_samples=16, lambda_rl=1.0, t2i_reward="clip:0.3:0.7,hpsv2:0.3:0.7", hps_prefix="Realistic photo",
+                 lora_rank=64, lora_alpha=128, fake_lora_rank=32, fake_lora_alpha=32),
 }
 
 
 # =====================================================================================================
 #                                          the algorithm
 # =====================================================================================================
-
 
 # Copied from dmd.py: student_sigmas
 def student_sigmas(world, student_steps):
@@ -262,14 +364,76 @@ def generator_sample(world, cond, sigmas, noise, step=None, noises=None):
     return world.x0("generator", x_k, sigmas[k], cond), k
 
 
+# ---- the student's sampler: one rollout for every use (RT-DM, DPO, GRPO, the ode backward simulation, evaluation) ----
+
+
 @torch.no_grad()
-def complete_rollout(world, cond, sigmas, x0, k):
-    """Finish the student's K-step trajectory from its x0 at step k: renoise to sigma_{k+1}, denoise, ... (no grad).
-    RT-DM scores this complete rollout, not the one-step x0 approximation (paper sec. 2.4)."""
-    for j in range(k + 1, len(sigmas)):
-        x = world.renoise(x0, sigmas[j], torch.randn_like(x0))
-        x0 = world.x0("generator", x, sigmas[j], cond)
-    return x0
+def rollout(world, cond, sigmas, x, start=0, sampler="sde", generator=None):
+    """The student's steps start, ..., K-1 from the state x at level sigmas[start] (no grad). Each step predicts
+    x0 = G(x, sigma_k) and moves to sigma_{k+1}: sde (DMD2's sampler) renoises x0 with fresh noise; ode takes the Euler
+    step of the flow ODE (on a VP path the DDIM step), i.e. renoises x0 with the noise the step implies,
+    eps_hat = (x - alpha_k x0) / sigma_k. Returns (the final sample = the last step's x0 (n, ...), the states
+    [x at sigma_start, ..., x at sigma_{K-1}])."""
+    states = []
+    for k in range(start, len(sigmas)):
+        states.append(x)
+        x0 = world.x0("generator", x, sigmas[k], cond)
+        if k + 1 < len(sigmas):
+            if sampler == "ode":
+                eps = (x - world.alpha(sigmas[k]) * x0) / sigmas[k]
+            else:
+                where = generator.device if generator is not None else x0.device  # a CPU generator with a CUDA world
+                eps = torch.randn(x0.shape, generator=generator, device=where, dtype=x0.dtype).to(x0.device)
+            x = world.renoise(x0, sigmas[k + 1], eps)
+    return x0, states
+
+
+def ode_generator_sample(world, cond, sigmas, noise):
+    """The authors' ode backward simulation: the deterministic K-step rollout's final samples (no grad), each re-noised
+    with fresh noise to one of the K student levels (uniform, drawn per sample); the generator's x0 from there WITH
+    grad. Returns (x0 (n, ...), the levels' indices k (n,), the final samples (n, ...), what the fake score trains on)."""
+    with torch.no_grad():
+        final, _ = rollout(world, cond, sigmas, noise, sampler="ode")
+        k = torch.randint(len(sigmas), (final.shape[0],), device=final.device)
+        sigma = torch.tensor(sigmas, device=final.device, dtype=final.dtype)[k]  # (n,)
+        x = world.renoise(final, sigma, torch.randn_like(final))
+    return world.x0("generator", x, sigma, cond), k, final
+
+
+def backward_simulation(world, args, cond, sigmas):
+    """The generator's trained outputs for one batch: (x0 (n, ...) with grad, the student step(s) k, the complete
+    rollouts of those samples (n, ...), no grad, for RT-DM's reward). sde: DMD2's (one step k for the batch), the rollout
+    completed from x0 with fresh noise; ode: the final samples the inputs were made from."""
+    noise = world.noise(cond)
+    if args.sampler == "ode":
+        return ode_generator_sample(world, cond, sigmas, noise)
+    x0, k = generator_sample(world, cond, sigmas, noise)
+    if k + 1 == len(sigmas):
+        return x0, k, x0.detach()
+    x_next = world.renoise(x0.detach(), sigmas[k + 1], torch.randn_like(x0))
+    return x0, k, rollout(world, cond, sigmas, x_next, start=k + 1)[0]
+
+
+@torch.no_grad()
+def fake_training_samples(world, args, cond, sigmas):
+    """The samples the fake score tracks: sde, the generator's x0 at a random step (DMD2); ode, the final samples."""
+    if args.sampler == "ode":
+        return rollout(world, cond, sigmas, world.noise(cond), sampler="ode")[0]
+    return generator_sample(world, cond, sigmas, world.noise(cond))[0]
+
+
+@torch.no_grad()
+def evaluate_student(world, args, sigmas, n, seed):
+    """Student samples from fixed noise with the run's sampler, and the world's metrics (sde: dmd.py's evaluate)."""
+    if args.sampler == "sde":
+        return evaluate(world, sigmas, n, seed)
+    gen = torch.Generator().manual_seed(seed)  # the same draws as evaluate: cond, then noise
+    cond = world.sample_cond(n, gen)
+    samples, _ = rollout(world, cond, sigmas, world.noise(cond, gen), sampler="ode")
+    return samples, cond, world.evaluate(samples, cond)
+
+
+# ---- the DMD gradient and the fake score's loss (eq. 1) ----
 
 
 # Copied from dmd.py: dmd_grad
@@ -301,17 +465,25 @@ def fake_score_loss(world, x0, cond, t, adapter_scale=1.0, role="fake", eps=None
     return (world.loss_weight(sigma) * per_sample).mean()
 
 
+
 # ---- stage 1: RT-DM (eq. 4) ----
 
 
-def reward_tilt_weights(rewards, beta=1.0):
-    """RT-DM weights (n,) for rewards (n,): exp(beta * r_i / ||r||), renormalised to mean 1.
-    ||r|| = sqrt(mean_i r_i^2), the RMS over the batch (the L2 norm without its sqrt(n) batch-size dependence), so
-    the exponent is O(1) for any reward scale. Renormalising (= n * softmax) makes the weights self-normalised
-    importance weights of the tilted target p exp(beta r / ||r||): the DMD step size is unchanged on average and a
-    constant reward gives exactly 1 (plain DMD)."""
-    norm = rewards.pow(2).mean().sqrt().clamp_min(1e-12)  # all-zero rewards: weights 1
-    return rewards.shape[0] * torch.softmax(beta * rewards / norm, dim=0)
+def reward_tilt_weights(rewards, beta=1.0, norm="std"):
+    """RT-DM weights (n,) for rewards (n,): exp(beta r_i / ||r||) renormalised to mean 1 (= n softmax), so the DMD step
+    size is unchanged on average and a constant reward gives exactly 1 (plain DMD).
+    norm "std" (ours): ||r|| = the batch's standard deviation; since softmax ignores an offset of its logits, the weights
+    are then invariant to r -> r + c and r -> a r (a > 0). norm "rms" (paper-literal, ||r|| undefined in the paper):
+    the uncentred RMS sqrt(mean r^2); scale-free, but an offset changes the weights (mean 0.2, std 0.01: 0.93-1.03)."""
+    if norm == "std":
+        scale = rewards.std(unbiased=False)
+    elif norm == "rms":
+        scale = rewards.pow(2).mean().sqrt()
+    else:
+        raise ValueError(f"unknown RT-DM norm {norm!r}; valid: {', '.join(RT_DM_NORMS)}")
+    if not scale > 0 or bool((rewards == rewards[0]).all()):  # a constant (or all-zero) reward: exactly plain DMD
+        return torch.ones_like(rewards)
+    return rewards.shape[0] * torch.softmax(beta * rewards / scale, dim=0)
 
 
 # ---- stage 1: DynaDG and DynaRS (sec. 2.5) ----
@@ -325,39 +497,89 @@ def lora_scale_r(step, lora_scale_r0, dynamic_steps):
     return lora_scale_r0 * 0.5 * (1.0 + math.cos(math.pi * step / dynamic_steps))
 
 
-def dynamic_renoise_sigma(n, step, dynamic_steps, a=4.0, b=1.5, device=None):
-    """DynaRS: n renoise levels (pre-shift times in (0, 1)) at generator step `step` (0-based), drawn from
-    Beta(a_c, b_c), a_c = 1 + (a - 1) c, b_c = 1 + (b - 1) c, c = 0.5 (1 + cos(pi min(step / dynamic_steps, 1))):
-    Beta(a, b) at step 0 (a = 4, b = 1.5: mean 0.73, high noise), exactly U(0, 1) from dynamic_steps on."""
+def dynamic_renoise_level(n, step, dynamic_steps, a=4.0, b=1.5, device=None):
+    """DynaRS: n noise levels u in (0, 1) at generator step `step` (0-based), drawn from Beta(a_c, b_c),
+    a_c = 1 + (a - 1) c, b_c = 1 + (b - 1) c, c = 0.5 (1 + cos(pi min(step / dynamic_steps, 1))): Beta(a, b) at step 0
+    (a = 4, b = 1.5: mean 0.73, high noise), exactly U(0, 1) from dynamic_steps on (and with dynamic_steps = 0).
+    u is the network's time, as the authors use it: on a flow world sigma = u itself (no shift); pre_shift_time maps it
+    into the world's pre-shift time."""
     c = 0.5 * (1.0 + math.cos(math.pi * min(step / dynamic_steps, 1.0))) if dynamic_steps > 0 else 0.0
     a_c, b_c = 1.0 + (a - 1.0) * c, 1.0 + (b - 1.0) * c
     if a_c == 1.0 and b_c == 1.0:
-        return torch.rand(n, device=device)  # Beta(1, 1) = U(0, 1): the same draws as DMD2's renoise
+        return torch.rand(n, device=device)  # Beta(1, 1) = U(0, 1)
     return torch.distributions.Beta(torch.tensor(a_c), torch.tensor(b_c)).sample((n,)).to(device)
 
 
-def dmdr_generator_loss(world, x0, cond, t, guidance_scale, real_scale=0.0, fake_scale=1.0, weights=None):
-    """DMD loss of generator outputs x0 (n, ...) renoised at pre-shift times t (n,).
-    Real score: teacher + real_scale * fake adapter (DynaDG; the teacher alone at 0), with CFG.
-    Fake score: teacher + fake_scale * fake adapter. weights (n,): RT-DM's per-sample weights (eq. 4), None: plain DMD."""
+def pre_shift_time(world, u):
+    """The pre-shift time t with world.sigma(t) = sigma_max * u: undoes the world's shift s (sigma = s t / (1 + (s - 1) t)
+    on flow worlds; VP worlds have s = 1), so a level drawn unshifted, as the authors draw DynaRS levels, reaches the
+    network unshifted. t = u / (s - (s - 1) u)."""
+    s = world.shift
+    return u / (s - (s - 1) * u)
+
+
+def renoise_times(args, world, n, step, device, for_fake):
+    """Pre-shift times (n,) of the DMD renoise (for_fake False) or of the fake-score update (True) at generator step
+    `step`. DynaRS: the annealed Beta, unshifted (pre_shift_time), floored at 0.001 (the authors' lowest level). Off:
+    DMD2's, pre-shift t ~ U[renoise_min, renoise_max] for the DMD renoise and U(0, 1] for the fake."""
+    if args.dyna_rs:
+        u = dynamic_renoise_level(n, step, args.dynamic_steps, args.dyna_rs_a, args.dyna_rs_b, device).clamp(min=1e-3)
+        return pre_shift_time(world, u)
+    u = torch.rand(n, device=device)
+    if for_fake:
+        return u.clamp(min=1e-3)
+    return args.renoise_min + (args.renoise_max - args.renoise_min) * u
+
+
+# ---- the DMD term of both stages ----
+
+
+def real_guidance(args):
+    """The real score's CFG for one generator update: guidance_scale, jittered U(g - j, g + j) (the authors' +-0.5)."""
+    if args.guidance_jitter == 0:
+        return args.guidance_scale
+    return args.guidance_scale + args.guidance_jitter * (2.0 * float(torch.rand(())) - 1.0)
+
+
+def distribution_matching_loss(world, args, x0, cond, step, weights=None):
+    """DMDR's DMD term for generator outputs x0 (n, ...) at generator step `step` (eq. 1; eq. 4 with RT-DM weights (n,)).
+    x0 is renoised at the DynaRS level; real score = teacher + lora_scale_r(step) * fake adapter (DynaDG; the teacher
+    alone when it is 0) with the (jittered) CFG; fake score = teacher + lora_scale_f * fake adapter, no CFG."""
     with torch.no_grad():
+        t = renoise_times(args, world, x0.shape[0], step, x0.device, for_fake=False)
         sigma = world.sigma(t)
         x_t = world.renoise(x0, sigma, torch.randn_like(x0))
+        real_scale = lora_scale_r(step, args.lora_scale_r0, args.dynamic_steps) if args.dyna_dg else 0.0
         real_role = "fake" if real_scale > 0 else "teacher"
-        x0_real = world.x0(real_role, x_t, sigma, cond, cfg=guidance_scale, adapter_scale=real_scale)
-        x0_fake = world.x0("fake", x_t, sigma, cond, adapter_scale=fake_scale)
+        x0_real = world.x0(real_role, x_t, sigma, cond, cfg=real_guidance(args), adapter_scale=real_scale)
+        x0_fake = world.x0("fake", x_t, sigma, cond, adapter_scale=args.lora_scale_f)
         grad = dmd_grad(x0, x0_real, x0_fake)  # (n, ...)
         if weights is not None:
-            grad = weights.reshape(-1, *[1] * (x0.dim() - 1)) * grad  # eq. 4: exp(r / ||r||) (s_real - s_fake)
+            grad = weights.reshape(-1, *[1] * (x0.dim() - 1)) * grad  # eq. 4: w_i (s_real - s_fake)
     return dmd_loss(x0, grad)
 
 
-# ---- stage 2: the RL losses of eq. 3 ----
+# ---- stage 2: the RL terms of eq. 3, one function each: (loss, the batch's rewards (n,) for the log) ----
 
 
-def refl_loss(world, x0, cond):
-    """ReFL: minus the mean reward of the generator's x0 prediction (n, ...), differentiated through it."""
-    return -world.reward(x0, cond).mean()
+def refl_hinge(reward, margin=None):
+    """ReFL's L_rl from rewards (n,) that carry the gradient of the generator's x0: the hinge mean relu(margin - r)
+    (the authors' relu(0.7 - s)), or -mean r without a margin (None or inf)."""
+    if margin is None or math.isinf(margin):
+        return -reward.mean()
+    return F.relu(margin - reward).mean()
+
+
+def refl_loss(world, x0, cond, margin=None):
+    """ReFL on the generator's x0 (n, ...), differentiated through it (the reward of the decoded sample on text-to-image)."""
+    return refl_hinge(world.reward(x0, cond), margin)
+
+
+def refl_term(world, args, x0, cond):
+    """ReFL's L_rl on the DMD batch's x0 (n, ...) (the same backward-simulated outputs), the reward scored once."""
+    reward = world.reward(x0, cond)  # (n,) with grad: a decode and the reward models on text-to-image
+    check_finite(reward.mean(), "reward")
+    return refl_hinge(reward, args.refl_margin), reward.detach()
 
 
 def dpo_loss(err_w, err_l, err_w_ref, err_l_ref, beta):
@@ -406,6 +628,18 @@ def dpo_rl_loss(world, cond, x_w, x_l, sigmas, ref_values, beta):
     return dpo_loss(err_w, err_l, err_w_ref, err_l_ref, beta)
 
 
+def dpo_term(world, args, cond, sigmas, ref_values):
+    """DPO's L_rl: complete rollouts with the run's sampler, best and worst of each group as the pair."""
+    x_final, _ = rollout(world, cond, sigmas, world.noise(cond), sampler=args.sampler)  # (n, ...)
+    with torch.no_grad():
+        reward = world.reward(x_final, cond)
+    check_finite(reward.mean(), "reward")
+    r = reward.reshape(-1, args.group_size)  # (groups, G)
+    rows = torch.arange(r.shape[0], device=r.device) * args.group_size
+    best, worst = rows + r.argmax(1), rows + r.argmin(1)
+    return dpo_rl_loss(world, cond[best], x_final[best], x_final[worst], sigmas, ref_values, args.dpo_beta), reward
+
+
 def group_advantages(rewards, group_size, eps=1e-6):
     """GRPO advantages (n,): rewards normalised within consecutive groups of group_size, (r - mean) / (std + eps),
     std the population standard deviation of the group."""
@@ -413,12 +647,11 @@ def group_advantages(rewards, group_size, eps=1e-6):
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)).reshape(-1)
 
 
-def grpo_loss(logp, logp_old, advantages, clip):
-    """PPO-clipped policy loss: logp, logp_old (n, S) per stochastic step, advantages (n,) shared by a trajectory's
-    steps; -mean min(ratio A, clip(ratio, 1 - clip, 1 + clip) A)."""
-    ratio = torch.exp(logp - logp_old)
-    adv = advantages[:, None]
-    return -torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv).mean()
+def reinforce_loss(logp, advantages):
+    """Group-normalised REINFORCE: -mean A_i log p_i over trajectories and their stochastic steps; logp (n, S) with grad,
+    advantages (n,) shared by a trajectory's steps. Its gradient is GRPO's at the rollout's own policy (ratio 1, where
+    PPO's clip is inactive)."""
+    return -(advantages[:, None] * logp).mean()
 
 
 def transition_logprob(world, x, x_next, sigma, sigma_next, cond):
@@ -429,37 +662,34 @@ def transition_logprob(world, x, x_next, sigma, sigma_next, cond):
     return -sq / (2 * sigma_next**2) - d * math.log(sigma_next) - 0.5 * d * math.log(2 * math.pi)
 
 
-@torch.no_grad()
-def rollout_with_states(world, cond, sigmas, noise):
-    """K-step student rollout keeping its states [x_0 = noise, x_1, ..., x_{K-1}] and the final sample."""
-    states, x = [noise], noise
-    for k, sigma in enumerate(sigmas):
-        x0 = world.x0("generator", x, sigma, cond)
-        if k + 1 < len(sigmas):
-            x = world.renoise(x0, sigmas[k + 1], torch.randn_like(x0))
-            states.append(x)
-    return states, x0
-
-
 def trajectory_logprobs(world, states, sigmas, cond):
     """Log-probabilities (n, K - 1) of the K - 1 stochastic transitions x_k -> x_{k+1} (the last step is deterministic)."""
     return torch.stack([transition_logprob(world, states[k], states[k + 1], sigmas[k], sigmas[k + 1], cond)
                         for k in range(len(sigmas) - 1)], dim=1)
 
 
+def grpo_term(world, args, cond, sigmas, ref_values=None):
+    """GRPO's L_rl (group-normalised REINFORCE) on stochastic (sde) rollouts, one condition per group."""
+    x_final, states = rollout(world, cond, sigmas, world.noise(cond), sampler="sde")
+    with torch.no_grad():
+        reward = world.reward(x_final, cond)
+    check_finite(reward.mean(), "reward")
+    logp = trajectory_logprobs(world, states, sigmas, cond)  # (n, K - 1) with grad
+    return reinforce_loss(logp, group_advantages(reward, args.group_size)), reward
+
+
 # ---- the training steps ----
 
 
-def fake_updates(world, args, sigmas, step, opt_fake):
-    """TTUR: fake_updates_per_step diffusion-loss updates of the fake adapter (at lora_scale_f) on detached student
-    samples, renoise levels from DynaRS (or U(0, 1))."""
-    n, losses = args.batch_size, []
+def fake_updates(world, args, sigmas, step, n, opt_fake):
+    """TTUR: fake_updates_per_step diffusion-loss updates of the fake adapter (at lora_scale_f) on fresh detached
+    student samples (fake_training_samples), noise levels from DynaRS (or DMD2's U(0, 1])."""
+    losses = []
     for _ in range(args.fake_updates_per_step):
         cond = world.sample_cond(n)
-        with torch.no_grad():
-            x0, _ = generator_sample(world, cond, sigmas, world.noise(cond))
-        u = renoise_levels(args, n, step, x0.device)
-        loss = fake_score_loss(world, x0, cond, u.clamp(min=1e-3), adapter_scale=args.lora_scale_f)
+        x0 = fake_training_samples(world, args, cond, sigmas)
+        t = renoise_times(args, world, n, step, x0.device, for_fake=True)
+        loss = fake_score_loss(world, x0, cond, t, adapter_scale=args.lora_scale_f)
         check_finite(loss, "fake_score_loss")
         opt_fake.zero_grad(set_to_none=True)
         loss.backward()
@@ -469,95 +699,66 @@ def fake_updates(world, args, sigmas, step, opt_fake):
     return sum(losses) / len(losses)
 
 
-def renoise_levels(args, n, step, device):
-    """Pre-shift renoise levels in (0, 1): DynaRS, or U(0, 1) when it is off."""
-    if args.dyna_rs:
-        return dynamic_renoise_sigma(n, step, args.dynamic_steps, args.dyna_rs_a, args.dyna_rs_b, device)
-    return torch.rand(n, device=device)
-
-
-def distribution_matching_loss(world, args, x0, cond, step, weights=None):
-    """The generator's DMD term at generator step `step`: DynaRS levels mapped to [renoise_min, renoise_max], DynaDG
-    real score, fake score at lora_scale_f, optional RT-DM weights."""
-    u = renoise_levels(args, x0.shape[0], step, x0.device)
-    t = args.renoise_min + (args.renoise_max - args.renoise_min) * u
-    real_scale = lora_scale_r(step, args.lora_scale_r0, args.dynamic_steps) if args.dyna_dg else 0.0
-    return dmdr_generator_loss(world, x0, cond, t, args.guidance_scale, real_scale, args.lora_scale_f, weights)
-
-
-def stage1_step(world, args, sigmas, step, opt_generator, opt_fake):
-    """Stage 1 (cold start): TTUR fake updates, then one RT-DM generator update. step: 0-based generator step."""
-    fake_loss = fake_updates(world, args, sigmas, step, opt_fake)
-    n = args.batch_size
-    cond = world.sample_cond(n)
-    x0, k = generator_sample(world, cond, sigmas, world.noise(cond))  # (n, ...) with grad at student step k
-    with torch.no_grad():  # the rollout's reward is logged either way; only RT-DM uses it
-        reward = world.reward(complete_rollout(world, cond, sigmas, x0.detach(), k), cond)  # (n,)
-    check_finite(reward.mean(), "reward")
-    weights = reward_tilt_weights(reward, args.rt_dm_beta) if args.rt_dm else None  # (n,)
-    loss = distribution_matching_loss(world, args, x0, cond, step, weights)
-    check_finite(loss, "dmd_loss")
+def generator_update(world, args, loss, opt_generator):
     opt_generator.zero_grad(set_to_none=True)
     loss.backward()
     sync_and_clip(world.params("generator"), args.grad_clip)
     opt_generator.step()
-    out = {"dmd_loss": loss.item(), "fake_loss": fake_loss, "train_reward": reward.mean().item(), "student_step": k}
+
+
+def stage1_step(world, args, sigmas, step, opt_generator, opt_fake):
+    """Stage 1 (cold start): TTUR fake updates, then one RT-DM generator update. step: 0-based generator step."""
+    n = args.batch_size
+    fake_loss = fake_updates(world, args, sigmas, step, n, opt_fake)
+    cond = world.sample_cond(n)
+    x0, k, complete = backward_simulation(world, args, cond, sigmas)  # x0 (n, ...) with grad
+    with torch.no_grad():  # the complete rollout's reward is logged either way; only RT-DM uses it
+        reward = world.reward(complete, cond)  # (n,)
+    check_finite(reward.mean(), "reward")
+    weights = reward_tilt_weights(reward, args.rt_dm_beta, args.rt_dm_norm) if args.rt_dm else None  # (n,)
+    loss = distribution_matching_loss(world, args, x0, cond, step, weights)
+    check_finite(loss, "dmd_loss")
+    generator_update(world, args, loss, opt_generator)
+    out = {"dmd_loss": loss.item(), "fake_loss": fake_loss, "train_reward": reward.mean().item(),
+           "student_step": float(torch.as_tensor(k, dtype=torch.float32).mean())}
     if weights is not None:
         out["rt_dm_weight_max"] = weights.max().item()
     return out
 
 
+RL_TERMS = {"dpo": dpo_term, "grpo": grpo_term}  # on their own rollouts; refl_term differentiates the DMD batch's x0
+
+
 def stage2_step(world, args, sigmas, step, opt_generator, opt_fake, ref_values):
     """Stage 2: L = L_dmd + lambda_rl * L_rl (eq. 3), one generator update (after TTUR fake updates if DMD is on)."""
+    n = args.stage2_batch_size
     out = {}
     if args.dmd:
-        out["fake_loss"] = fake_updates(world, args, sigmas, step, opt_fake)
-    n = args.batch_size
-    total = 0.0
-    if args.rl in ("dpo", "grpo"):
+        out["fake_loss"] = fake_updates(world, args, sigmas, step, n, opt_fake)
+    if args.rl in RL_TERMS:
         cond = world.sample_cond(n // args.group_size).repeat_interleave(args.group_size)  # one condition per group
+        # first: DPO swaps the reference's weights into the generator in place, before any graph through them exists
+        loss_rl, reward = RL_TERMS[args.rl](world, args, cond, sigmas, ref_values)
     else:
         cond = world.sample_cond(n)
-    # DPO swaps the reference's weights into the generator in place: it runs before any graph through them exists
-    loss_rl, reward = None, None
-    if args.rl == "dpo":
-        with torch.no_grad():
-            x_final = sample_student(world, cond, sigmas, world.noise(cond))  # (n, ...) complete rollouts
-            reward = world.reward(x_final, cond)
-        check_finite(reward.mean(), "reward")
-        r = reward.reshape(-1, args.group_size)  # (groups, G)
-        rows = torch.arange(r.shape[0], device=r.device) * args.group_size
-        best, worst = rows + r.argmax(1), rows + r.argmin(1)
-        loss_rl = dpo_rl_loss(world, cond[best], x_final[best], x_final[worst], sigmas, ref_values, args.dpo_beta)
-    elif args.rl == "grpo":
-        states, x_final = rollout_with_states(world, cond, sigmas, world.noise(cond))
-        with torch.no_grad():
-            reward = world.reward(x_final, cond)
-        check_finite(reward.mean(), "reward")
-        adv = group_advantages(reward, args.group_size)  # (n,)
-        logp = trajectory_logprobs(world, states, sigmas, cond)  # (n, K - 1) with grad
-        loss_rl = grpo_loss(logp, logp.detach(), adv, args.grpo_clip)  # on-policy: old = the rollout's own policy
+        loss_rl, reward = None, None
+    total = 0.0
     if args.dmd or args.rl == "refl":
-        x0, k = generator_sample(world, cond, sigmas, world.noise(cond))  # (n, ...) with grad at student step k
-        out["student_step"] = k
+        x0, k, _ = backward_simulation(world, args, cond, sigmas)  # (n, ...) with grad
+        out["student_step"] = float(torch.as_tensor(k, dtype=torch.float32).mean())
     if args.dmd:
         loss_dmd = distribution_matching_loss(world, args, x0, cond, step)
         check_finite(loss_dmd, "dmd_loss")
         out["dmd_loss"] = loss_dmd.item()
         total = total + loss_dmd
     if args.rl == "refl":
-        loss_rl = refl_loss(world, x0, cond)
-        check_finite(loss_rl, "reward")
-        reward = -loss_rl.detach()  # the batch's mean reward, for the log
+        loss_rl, reward = refl_term(world, args, x0, cond)
     if loss_rl is not None:
         check_finite(loss_rl, "rl_loss")
         out["rl_loss"] = loss_rl.item()
         out["train_reward"] = reward.mean().item()
         total = total + args.lambda_rl * loss_rl
-    opt_generator.zero_grad(set_to_none=True)
-    total.backward()
-    sync_and_clip(world.params("generator"), args.grad_clip)
-    opt_generator.step()
+    generator_update(world, args, total, opt_generator)
     return out
 
 
@@ -638,35 +839,77 @@ def validate(args):
             raise ValueError(f"unknown toy path {args.toy_path!r}; valid paths: {', '.join(toy2d.PATHS)}")
         if args.toy_reward not in toy2d.REWARDS:
             raise ValueError(f"unknown toy reward {args.toy_reward!r}; valid rewards: {', '.join(toy2d.REWARDS)}")
+        if args.shift is not None and args.toy_path != "flow":
+            raise ValueError("--shift applies to flow worlds; the toy's vp path has none")
     else:
         validate_t2i(args)
+        import t2i
+
+        if args.shift is not None and t2i.get_preset(args.model).family != "sd3":
+            raise ValueError(f"--shift applies to flow (SD3) models; {args.model} is a VP model")
+    for name in ("student_steps", "sampler", "stage1_steps", "stage2_steps", "batch_size", "lr_generator", "lr_fake",
+                 "guidance_scale", "guidance_jitter", "dynamic_steps", "eval_samples", "lambda_rl"):
+        if getattr(args, name) is None:
+            raise ValueError(f"{name} has no default for model {args.model}: pass --{name.replace('_', '-')}")
     if args.rl not in RL_LOSSES:
         raise ValueError(f"unknown RL loss {args.rl!r}; valid RL losses: {', '.join(RL_LOSSES)}")
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if args.rt_dm_norm not in RT_DM_NORMS:
+        raise ValueError(f"unknown rt_dm_norm {args.rt_dm_norm!r}; valid: {', '.join(RT_DM_NORMS)}")
     if not 1 <= args.student_steps <= 8:
         raise ValueError(f"student_steps must be in 1..8, got {args.student_steps}")
     for name in ("stage1_steps", "stage2_steps", "dynamic_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "fake_updates_per_step", "log_every", "eval_every", "eval_samples"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "stage2_batch_size", "fake_updates_per_step", "log_every", "eval_every", "eval_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)}")
-    for name in ("lr_generator", "lr_fake", "lora_scale_f", "dyna_rs_a", "dyna_rs_b"):
-        if not getattr(args, name) > 0:
+    for name in ("lr_generator", "lr_fake", "stage2_lr_generator", "stage2_lr_fake", "lora_scale_f", "dyna_rs_a",
+                 "dyna_rs_b", "shift"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
-    for name in ("lambda_rl", "lora_scale_r0", "rt_dm_beta", "guidance_scale", "grad_clip", "dpo_beta", "grpo_clip"):
+    for name in ("lambda_rl", "lora_scale_r0", "rt_dm_beta", "guidance_scale", "guidance_jitter", "grad_clip", "dpo_beta"):
         if getattr(args, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
+    if args.refl_margin is not None and math.isnan(args.refl_margin):
+        raise ValueError("refl_margin must be a number (inf: no hinge)")
     if not 0.0 <= args.renoise_min < args.renoise_max <= 1.0:
         raise ValueError(f"need 0 <= renoise_min < renoise_max <= 1, got {args.renoise_min}, {args.renoise_max}")
     if args.stage2_steps > 0:
         if not args.dmd and args.rl == "none":
             raise ValueError("stage 2 with --no-dmd and --rl none trains nothing; drop one of them")
         if args.rl in ("dpo", "grpo"):
-            if args.group_size < 2 or args.batch_size % args.group_size:
-                raise ValueError(f"--rl {args.rl} needs group_size >= 2 dividing batch_size, got {args.group_size}, "
-                                 f"{args.batch_size}")
+            if args.group_size < 2 or args.stage2_batch_size % args.group_size:
+                raise ValueError(f"--rl {args.rl} needs group_size >= 2 dividing the stage-2 batch size, got "
+                                 f"{args.group_size}, {args.stage2_batch_size}")
         if args.rl == "grpo" and args.student_steps < 2:
             raise ValueError("--rl grpo needs student_steps >= 2 (a 1-step student has no stochastic transition)")
+
+
+def resolve_stage2(args):
+    """Stage 2's batch size and learning rates default to stage 1's."""
+    for name, source in (("stage2_batch_size", "batch_size"), ("stage2_lr_generator", "lr_generator"),
+                         ("stage2_lr_fake", "lr_fake")):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(args, source))
+    return args
+
+
+def configure_world(world, args):
+    """Options dmdr sets on a built world: the timestep shift of the student's levels (--shift). A run's world needs it
+    wherever it is rebuilt (evaluation too)."""
+    if args.shift is not None:
+        world.shift = float(args.shift)
+    return world
+
+
+def set_hps_prefix(world, prefix):
+    """Training reward only: the hpsv2 term scores against prefix + " " + prompt (DMDR's "Realistic photo"); no-op
+    without an hpsv2 term (the toy, or --t2i-reward without hpsv2)."""
+    models = getattr(getattr(world, "reward_fn", None), "models", {})
+    if prefix and "hpsv2" in models:
+        models["hpsv2"].set_text_prefix(prefix)
 
 
 # Copied from dmd.py: validate_t2i
@@ -765,13 +1008,19 @@ def evaluate(world, sigmas, n, seed):
     return outputs[-1], cond, world.evaluate(outputs[-1], cond, steps=outputs if len(outputs) > 1 else None)
 
 
+def set_learning_rates(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def main(args, world=None):
     """Run both stages. world: an already built world (tests, notebooks); default make_world(args)."""
-    args = resolve_defaults(args)
+    args = resolve_stage2(resolve_defaults(args))
     validate(args)
     rank, world_size, device = setup_distributed(args)
     torch.manual_seed(args.seed)
-    world = world if world is not None else make_world(args, device)
+    world = configure_world(world if world is not None else make_world(args, device), args)
+    set_hps_prefix(world, args.hps_prefix)
     if world_size > 1:
         torch.manual_seed(args.seed + 1000 * rank)  # data parallel: each rank its own noise, prompts and levels
     lead = rank == 0  # data parallel: rank 0 alone evaluates, logs and saves
@@ -791,7 +1040,7 @@ def main(args, world=None):
         log.flush()
 
     if lead:
-        samples, _, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
+        samples, _, metrics = evaluate_student(world, args, sigmas, args.eval_samples, args.seed + 1)
         record({"step": 0, "stage": 0, **metrics})
         save_checkpoint(world, run_dir, 0)
     start = time.time()
@@ -806,6 +1055,8 @@ def main(args, world=None):
             bar.set_description("dmdr stage 2")
             tqdm.write(msg) if args.progress else print(msg)
             ref_values = [p.detach().clone() for p in world.params("generator")]  # DPO's frozen reference
+            set_learning_rates(opt_generator, args.stage2_lr_generator)  # the authors' stage-2 rates (SD3-M: 5e-7 / 2e-7)
+            set_learning_rates(opt_fake, args.stage2_lr_fake)
         try:
             if stage == 1:
                 losses = stage1_step(world, args, sigmas, step - 1, opt_generator, opt_fake)
@@ -823,7 +1074,7 @@ def main(args, world=None):
             bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k in ("dmd_loss", "rl_loss", "train_reward")})
         stage_end = step in (args.stage1_steps, total)
         if lead and (step % args.eval_every == 0 or stage_end):
-            samples, _, metrics = evaluate(world, sigmas, args.eval_samples, args.seed + 1)
+            samples, _, metrics = evaluate_student(world, args, sigmas, args.eval_samples, args.seed + 1)
             record({"step": step, "stage": stage, "time": time.time() - start, **metrics})
             if "energy_distance" in metrics:  # toy metrics; text-to-image worlds report rewards only
                 bar.set_postfix(ed=f"{metrics['energy_distance']:.4f}", reward=f"{metrics['mean_reward']:.3f}",
@@ -833,7 +1084,7 @@ def main(args, world=None):
             save_checkpoint(world, run_dir, step)
         if lead and stage_end:
             world.plot_samples(samples, run_dir / f"samples_stage{stage}.png",
-                               f"dmdr stage {stage}, {args.student_steps}-step student, step {step}")
+                               f"dmdr stage {stage}, {args.student_steps}-step student ({args.sampler}), step {step}")
     bar.close()
     log.close()
     if not lead:  # data parallel: the other ranks stop here; rank 0 writes the figures

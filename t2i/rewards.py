@@ -224,11 +224,18 @@ class HPSv2Scorer(nn.Module):
         except Exception as err:  # noqa: BLE001
             raise _missing("hpsv2", ckpt, err) from err
         self.model = model.to(device).eval().requires_grad_(False)
-        tokenizer = get_tokenizer("ViT-H-14")
-        with torch.no_grad():
-            text = torch.cat([self.model.encode_text(tokenizer(prompts[i : i + 64]).to(device), normalize=True).float()
-                              for i in range(0, len(prompts), 64)])
-        self.register_buffer("text", text)
+        self.prompts, self.tokenizer = list(prompts), get_tokenizer("ViT-H-14")
+        self.register_buffer("text", self.text_features(self.prompts))
+
+    @torch.no_grad()
+    def text_features(self, texts):
+        device = next(self.model.parameters()).device
+        return torch.cat([self.model.encode_text(self.tokenizer(texts[i : i + 64]).to(device), normalize=True).float()
+                          for i in range(0, len(texts), 64)])
+
+    def set_text_prefix(self, prefix):
+        """Score against prefix + " " + prompt from now on (DMDR's ReFL: "Realistic photo <prompt>"); "": the prompts."""
+        self.text = self.text_features([f"{prefix} {p}" if prefix else p for p in self.prompts])
 
     def forward(self, images, idx):
         img = self.model.encode_image(preprocess(images, 224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), normalize=True)
