@@ -24,7 +24,9 @@ called through its module's public functions (train_step, stage1_step, ...) with
     (each world.x0 call: role, batch, CFG, grad mode, and whether a backward went through it, seen by a tensor hook;
     each world.reward / reward_terms call), then each pass is replayed alone on random inputs of the same shapes, its
     forward and its backward timed one by one (the reward split into its VAE decode and its reward model, each
-    checkpointed when the world checkpoints them). iteration / sum of passes is the overhead the code adds;
+    checkpointed when the world checkpoints them). Every iteration starts from the same RNG state, so each timed
+    iteration draws the same student step and levels and makes exactly the recorded passes (checked: same_passes).
+    iteration / sum of passes is the overhead the code adds;
   * FLOPs (torch.utils.flop_counter) of the recorded iteration and of its replayed passes: equal when the replay covers
     all of the iteration's matrix work (a check of the replay itself, free of timing noise);
   * where the time goes: the passes by kind (student rollouts without grad, teacher, fake score, generator with grad,
@@ -160,15 +162,19 @@ class Args:
     """images per sampling call (default: the batch size on CUDA, 1 on CPU)"""
     sample_repeats: Optional[int] = None
     """timed sampling calls of each sampler, the median is reported (default: 3 on CUDA, 1 on CPU)"""
+    sampling: bool = True
+    """measure the sampling rows"""
     student_steps: int = 4
     """K of the student in the sampling rows (the methods' text-to-image default)"""
     threads: Optional[int] = None
-    """torch CPU threads (default: torch's)"""
+    """torch CPU threads (default: 1 on CPU, so that times are this process's CPU seconds; torch's on CUDA)"""
     work_dir: Optional[str] = None
     """where the built models, the prompt-embedding cache and the JSON go (default: $TMPDIR/bench_t2i); models are
     reused when their config matches"""
     docs: Optional[str] = "docs/performance.md"
-    """markdown file whose section for this device is rewritten (None: do not write)"""
+    """markdown file whose section for this device (and --label) is rewritten (None: do not write)"""
+    label: Optional[str] = None
+    """a name for this run's section, beside the device's (several runs on one device keep their own sections)"""
     seed: int = 0
     """seed of the random weights and of every draw"""
 
@@ -371,12 +377,12 @@ def phase_timer(mod, name, device, sink):
 
     def timed_phase(*a, **k):
         sync(device)
-        start = time.perf_counter()
+        start = CLOCK["fn"]()
         try:
             return original(*a, **k)
         finally:
             sync(device)
-            sink[0] += time.perf_counter() - start
+            sink[0] += CLOCK["fn"]() - start
 
     setattr(mod, name, timed_phase)
     try:
@@ -435,6 +441,11 @@ class PassRecorder:
     def __exit__(self, *exc):
         for name in ("x0", "reward", "reward_terms"):
             delattr(self.world, name)  # the class's methods again
+
+
+def signature(records):
+    """What makes two iterations the same work: each pass's kind, role, shape, CFG, grad mode and backward."""
+    return [(r["kind"], r.get("role"), r["shape"], r.get("cfg"), r["grad"], r["backward"]) for r in records]
 
 
 def pass_kind(rec):
@@ -502,18 +513,30 @@ def replay(world, records, device, flops=None):
 # =====================================================================================================
 
 
+CLOCK = {"fn": time.perf_counter, "what": "wall"}  # main() picks the clock (see clock_for)
+
+
+def clock_for(device):
+    """The clock of every timing: wall time on CUDA (synchronised); on a CPU with one torch thread this process's CPU
+    time, which another process's load on the machine hardly changes (its wall time here doubled under load); with
+    several threads wall time again (idle OpenMP workers spin, which CPU time would count)."""
+    if torch.device(device).type == "cpu" and torch.get_num_threads() == 1:
+        return {"fn": time.process_time, "what": "CPU"}
+    return {"fn": time.perf_counter, "what": "wall"}
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def timed(fn, device):
-    """(fn(), wall seconds), the device synchronised before and after."""
+    """(fn(), seconds on CLOCK), the device synchronised before and after."""
     sync(device)
-    start = time.perf_counter()
+    start = CLOCK["fn"]()
     out = fn()
     sync(device)
-    return out, time.perf_counter() - start
+    return out, CLOCK["fn"]() - start
 
 
 class Memory:
@@ -528,7 +551,6 @@ class Memory:
         if not self.cuda:
             try:
                 self.libc = ctypes.CDLL("libc.so.6")
-                self.libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: >= 1 MiB blocks are mmapped, so freeing returns them
             except OSError:
                 self.libc = None
 
@@ -599,6 +621,9 @@ def measure(method, base, overrides, bench, memory, full=True, world_hook=None):
         row.update(gradient_checkpointing=world.gradient_checkpointing, autocast=world.autocast,
                    decode_chunk=world.decode_chunk, decode_checkpointing=world.decode_checkpointing)
         step = iteration(method, mod, args, world)
+        # every iteration starts from the same RNG state, so that it draws the same student step, renoise levels and
+        # prompts as the recorded one (which the replay replays): the methods draw k at random (dmdr, gdmd's mixture
+        # fakes, rtdmd), and iterations of different k are not the same work
         torch.manual_seed(bench.seed)
         recorder = PassRecorder(world)
         from torch.utils.flop_counter import FlopCounterMode
@@ -616,23 +641,27 @@ def measure(method, base, overrides, bench, memory, full=True, world_hook=None):
         row["pass_counts"].update(decode=sum(rec["kind"] == "reward" for rec in records),
                                   reward=sum(rec["kind"] == "reward" for rec in records))
         for _ in range(bench.warmup - 1):
+            torch.manual_seed(bench.seed)
             step()
         memory.settle()
         row["floor"] = memory.current()
         # timed iterations and replays of the recorded passes, interleaved (iteration i, then replay i), so that a
         # change of the machine's load hits both alike; the peak is read around each iteration alone
-        fake_s, times, fake_times, peaks, reserved, reps = [0.0], [], [], [], [], []
+        fake_s, times, fake_times, peaks, reserved, reps, same = [0.0], [], [], [], [], [], True
         for i in range(max(bench.iterations, bench.pass_repeats if full else 0)):
             if i < bench.iterations:
                 memory.reset_peak()
-                with phase_timer(mod, FAKE_PHASE[mod.__name__], bench.device, fake_s):
+                torch.manual_seed(bench.seed)
+                with phase_timer(mod, FAKE_PHASE[mod.__name__], bench.device, fake_s), PassRecorder(world) as again:
                     fake_s[0] = 0.0
                     times.append(timed(step, bench.device)[1])
+                same &= signature(again.records) == signature(records)
                 fake_times.append(fake_s[0])
                 peaks.append(memory.peak())
                 reserved.append(memory.reserved_peak())
             if full and i < bench.pass_repeats:
                 reps.append(replay(world, records, bench.device))
+        row["same_passes"] = same  # every timed iteration made the recorded iteration's passes
         row["peak"] = max(peaks)
         row["reserved_peak"] = max(reserved) if reserved[0] is not None else None
         row["iteration_samples"] = times
@@ -803,7 +832,9 @@ def render(result):
              f"Commit {r['commit']}, {r['date']}; load average (1 min) {r['load_before']:.2f} before, "
              f"{r['load_after']:.2f} after; {r['wall_s'] / 60:.1f} min wall, {r['cpu_s'] / 60:.1f} min CPU.  ",
              f"Model: {cfg['what']}; {cfg['tokens']['image']} image + {cfg['tokens']['text']} text tokens a sample. "
-             f"Method overrides: {cfg['overrides'] or 'none (each method its recipe)'}.", ""]
+             f"Method overrides: {cfg['overrides'] or 'none (each method its recipe)'}.  ",
+             f"Times: {r['clock']} seconds" + (" of this process (one torch thread), steadier than wall time on a shared "
+                                               "machine" if r["clock"] == "CPU" else ", the device synchronised") + ".", ""]
     rows = [x for x in r["rows"]]
     lines += ["#### Cost per iteration", "",
               "| iteration | batch | s / iteration | its passes alone, s | iteration / passes | <= 1.3 | GFLOP iteration / passes |",
@@ -829,7 +860,7 @@ def render(result):
         share = x["fake_phase_s"] / x["iteration_s"]
         lines.append(f"| {x['method']} | {' | '.join(cells)} | {x['other_s']:.3g} | {x['backward_s']:.3g} | "
                      f"{x['fake_phase_s']:.3g} ({share:.0%}) |")
-    cuda = r["device_key"] == "cuda"
+    cuda = r["device_key"].startswith("cuda")
     lines += ["", "#### Peak memory" + (" (allocated; reserved in brackets)" if cuda else " (resident set size)"), "",
               "| iteration | peak | floor | fwd/bwd of the base alone (batch) | per token per block | "
               "peak / (floor + fwd/bwd) | <= 1.3 |", "|---|---|---|---|---|---|---|"]
@@ -894,6 +925,11 @@ def write_docs(path, section, key):
 # =====================================================================================================
 
 
+def device_type(device):
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                        "cpu" if device == "auto" else device).type
+
+
 def resolve(bench):
     """Device-dependent defaults (CUDA: the real config and the recipes; CPU: minutes)."""
     bench = dataclasses.replace(bench)
@@ -926,11 +962,12 @@ def resolve(bench):
 def main(bench, command=None):
     """Build, measure, report. Returns the result dict (also written as JSON)."""
     bench = resolve(bench)
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
+    if bench.threads or device_type(bench.device) == "cpu":
+        torch.set_num_threads(bench.threads or 1)
+    CLOCK.update(clock_for(bench.device))
     start_wall, start_cpu, load_before = time.time(), time.process_time(), os.getloadavg()[0]
     device = torch.device(bench.device)
-    key = device.type
+    key = device.type + (f"-{bench.label}" if bench.label else "")
     work = Path(bench.work_dir or Path(tempfile.gettempdir()) / "bench_t2i")
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("T2I_CACHE_DIR", str(work / "prompt-cache"))
@@ -981,7 +1018,7 @@ def main(bench, command=None):
         torch.manual_seed(bench.seed)
         rows[method] = measure(method, base, overrides, bench, memory)
         print(f"bench_t2i: {method}: {summary(rows[method])}", file=sys.stderr)
-    sampling = measure_sampling(base, bench, memory)
+    sampling = measure_sampling(base, bench, memory) if bench.sampling else None
     options = option_rows(base, overrides, bench, memory, rows) if bench.options else []
     import subprocess
 
@@ -992,10 +1029,11 @@ def main(bench, command=None):
         commit = "?"
     tokens = next((x["tokens"] for x in rows.values() if "tokens" in x), {"image": 0, "text": 0})
     result = dict(
-        device_key=key, device_title=("GPU: " + torch.cuda.get_device_name(device)) if key == "cuda" else "CPU",
+        device_key=key, device_title=(("GPU: " + torch.cuda.get_device_name(device)) if device.type == "cuda" else "CPU")
+        + (f", {bench.label}" if bench.label else ""),
         command=command or "python bench_t2i.py", machine=machine(device), commit=commit,
         date=time.strftime("%Y-%m-%d"), load_before=load_before, load_after=os.getloadavg()[0],
-        wall_s=time.time() - start_wall, cpu_s=time.process_time() - start_cpu,
+        wall_s=time.time() - start_wall, cpu_s=time.process_time() - start_cpu, clock=CLOCK["what"],
         config=dict(what=what, layers=layers, tokens=tokens, overrides=", ".join(f"{k}={v}" for k, v in overrides.items()),
                     bench={k: v for k, v in dataclasses.asdict(bench).items()}),
         rows=[rows[m] for m in bench.methods], sampling=sampling, options=options)

@@ -1,6 +1,8 @@
 """bench_t2i.py on the tiny offline SD3 pipeline (t2i.tiny), every method's iteration, in-process. What is asserted:
   * every row is finite: each method's iteration ran (status ok), its times, FLOPs, memory and ratios are finite and
     positive (the "other" time, iteration - passes, finite), and so are the sampling and option rows;
+  * every timed iteration makes exactly the recorded iteration's passes (the benchmark reseeds before each: the methods
+    draw their student step at random, and a replay of one draw against iterations of another compares unlike work);
   * the recorder sees what the method does: dmd's iteration (K = 4, --fake-tracks final, one fake update) makes
     exactly the world passes its algorithm implies (below), with a backward through the two that are trained;
   * the parts sum to no more than the whole, twice:
@@ -59,6 +61,7 @@ def test_every_row_is_finite(result):
         assert r["status"] == "ok", (r["method"], r["status"])
         assert finite(r["iteration_s"], r["passes_s"], r["other_s"], r["fake_phase_s"], r["backward_s"])
         assert r["iteration_s"] > 0 and r["passes_s"] > 0 and r["passes"] > 0
+        assert r["same_passes"]  # each timed iteration made exactly the recorded (and replayed) iteration's passes
         assert all(finite(v) and v >= 0 for v in r["breakdown"].values())
         assert r["flops_iteration"] > 0 and r["peak"] > 0 and r["floor"] > 0 and r["fb"] > 0
         assert r["peak"] >= r["floor"] or r["peak"] > 0.9 * r["floor"]  # RSS: the peak of the timed iterations
