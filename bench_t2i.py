@@ -58,7 +58,6 @@ import gc
 import importlib
 import inspect
 import json
-import math
 import os
 import platform
 import shlex
@@ -141,7 +140,8 @@ class Args:
     options: tuple[Literal["micro-batch", "gradient-checkpointing", "autocast"], ...] = OPTIONS
     """the option rows (each against the method's default)"""
     option_methods: Optional[tuple[str, ...]] = None
-    """the methods that get option rows (default: every one of --methods)"""
+    """the methods that get option rows (default: every one of --methods on CUDA; dmd on CPU, where each row costs
+    minutes)"""
     micro_batch_size: Optional[int] = None
     """the micro-batch of the micro-batch row (default: half the batch)"""
     set: Optional[tuple[str, ...]] = None
@@ -930,13 +930,14 @@ def device_type(device):
                         "cpu" if device == "auto" else device).type
 
 
-def resolve(bench):
-    """Device-dependent defaults (CUDA: the real config and the recipes; CPU: minutes)."""
+def resolve(bench, check_device=True):
+    """Device-dependent defaults (CUDA: the real config and the recipes; CPU: minutes). check_device=False resolves a
+    CUDA command on a machine without a GPU (the test of the defaults)."""
     bench = dataclasses.replace(bench)
     if bench.device == "auto":
         bench.device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = torch.device(bench.device).type == "cuda"
-    if cuda and not torch.cuda.is_available():
+    if cuda and check_device and not torch.cuda.is_available():
         raise ValueError(f"--device {bench.device}: no GPU is visible")
     preset = SD3_CONFIGS[bench.model]
     bench.heads = bench.heads or preset["num_attention_heads"]
@@ -950,7 +951,9 @@ def resolve(bench):
     bench.pass_repeats = bench.pass_repeats or (3 if cuda else 1)
     bench.sample_repeats = bench.sample_repeats or (3 if cuda else 1)
     bench.sample_batch = bench.sample_batch or (bench.batch_size or 8 if cuda else 1)
-    bench.option_methods = tuple(bench.option_methods) if bench.option_methods is not None else tuple(bench.methods)
+    if bench.option_methods is None:
+        bench.option_methods = tuple(bench.methods) if cuda else tuple(m for m in ("dmd",) if m in bench.methods)
+    bench.option_methods = tuple(bench.option_methods)
     unknown = [m for m in bench.option_methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown --option-methods {unknown}; valid: {', '.join(METHODS)}")

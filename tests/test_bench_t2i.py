@@ -101,3 +101,20 @@ def test_option_rows_say_what_acted(result):
     assert rows["micro-batch"]["largest_grad_batch"] == 1
     gc = rows["gradient-checkpointing"]
     assert gc["acted"] and gc["setting"] == "gradient_checkpointing=False"  # dmd's default is True on every device
+
+
+def test_the_cuda_defaults_are_the_real_sd3_medium():
+    """The GPU command (`python bench_t2i.py` on CUDA) builds SD3-Medium's own transformer: 24 blocks of 24 heads x 64,
+    2.03e9 parameters (counted on the meta device, no memory), at 512 px with each method's own batch (8 for SD3) and
+    its recipe (no overrides); the CPU default keeps the width and cuts the depth."""
+    import bench_t2i
+    from diffusers import SD3Transformer2DModel
+
+    gpu = bench_t2i.resolve(bench_t2i.Args(device="cuda"), check_device=False)
+    assert (gpu.heads, gpu.layers, gpu.resolution, gpu.batch_size, gpu.set) == (24, 24, 512, None, ())
+    assert gpu.reward_models == "real" and gpu.vae == "real"
+    with torch.device("meta"):
+        net = SD3Transformer2DModel(**bench_t2i.transformer_config("sd3-medium", gpu.heads, gpu.layers))
+    assert round(sum(p.numel() for p in net.parameters()) / 1e7) == 203
+    cpu = bench_t2i.resolve(bench_t2i.Args(device="cpu"))
+    assert (cpu.heads, cpu.layers, cpu.resolution, cpu.batch_size) == (24, 1, 128, 2)
