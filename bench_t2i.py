@@ -177,6 +177,9 @@ class Args:
     """a name for this run's section, beside the device's (several runs on one device keep their own sections)"""
     seed: int = 0
     """seed of the random weights and of every draw"""
+    activations: bool = False
+    """only measure the activations one block saves for the backward, per token, in fp32 and bf16 (saved_activations;
+    docs/performance.md's "Scale beyond one GPU"), and exit"""
 
 
 # =====================================================================================================
@@ -962,11 +965,60 @@ def resolve(bench, check_device=True):
     return bench
 
 
+def saved_activations(model, heads, resolution, dtype, seed=0, text_tokens=333):
+    """Bytes one full transformer block saves for the backward per token, with the generator LoRA (r64 on the attention
+    projections, as T2IWorld adds it) trainable and the base frozen: the tensors packed by saved_tensors_hooks over one
+    forward (parameters excluded, each storage once) of 2 blocks minus those of 1 (the last block of SD3 is
+    context_pre_only, lighter than the others, so the difference is one full block). Allocator-independent."""
+    import warnings
+
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+
+    from t2i.world import LORA_TARGETS
+
+    saved = {}
+    for layers in (1, 2):
+        torch.manual_seed(seed)
+        net = SD3Transformer2DModel(**transformer_config(model, heads, layers)).to(dtype).requires_grad_(False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net.add_adapter(LoraConfig(r=64, lora_alpha=128, init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGETS["sd3"]), adapter_name="generator")
+        for name, p in net.named_parameters():
+            p.requires_grad_(".lora_" in name)
+        params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        size = resolution // 8
+        cfg = net.config
+        x = torch.randn(1, cfg.in_channels, size, size, dtype=dtype)
+        text = torch.randn(1, text_tokens, cfg.joint_attention_dim, dtype=dtype)
+        pooled = torch.randn(1, cfg.pooled_projection_dim, dtype=dtype)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text, pooled_projections=pooled)
+        saved[layers] = sum(storages.values())
+    tokens = (size // cfg.patch_size) ** 2 + text_tokens
+    return (saved[2] - saved[1]) / tokens
+
+
 def main(bench, command=None):
     """Build, measure, report. Returns the result dict (also written as JSON)."""
     bench = resolve(bench)
     if bench.threads or device_type(bench.device) == "cpu":
         torch.set_num_threads(bench.threads or 1)
+    if bench.activations:
+        out = {str(dt): saved_activations(bench.model, bench.heads, bench.resolution, dt, bench.seed)
+               for dt in (torch.float32, torch.bfloat16)}
+        for dt, per_token in out.items():
+            print(f"{bench.model} at {bench.heads} heads x 64, {bench.resolution} px, {dt}: one block saves "
+                  f"{per_token / 1024:.1f} KiB a token for the backward ({per_token / (bench.heads * 64):.1f} B a channel)")
+        return out
     CLOCK.update(clock_for(bench.device))
     start_wall, start_cpu, load_before = time.time(), time.process_time(), os.getloadavg()[0]
     device = torch.device(bench.device)
