@@ -658,12 +658,9 @@ def rollout(world, cond, schedule, eta, x_start, noises, micro_batch_size=0, log
 
 def reward_terms(world, x0, cond):
     """The reward's terms [(weight, scores (n,)), ...] of clean samples: on text-to-image each weighted term of the
-    spec (the authors normalise each term's advantages separately), on the toy the one reward."""
-    fn = world.reward_fn
-    if hasattr(fn, "terms") and hasattr(fn, "scores"):
-        scores = fn.scores(world.decode(x0), cond)
-        return [(w, scores[name].clamp(max=cap) if cap is not None else scores[name]) for name, w, cap in fn.terms]
-    return [(1.0, world.reward(x0, cond))]
+    spec (the authors normalise each term's advantages separately; the world decodes in chunks of decode_chunk), on
+    the toy the one reward."""
+    return list(world.reward_terms(x0, cond).values())
 
 
 def group_advantages(rewards, group_size, kind, clip_value=0.0):
