@@ -311,7 +311,8 @@ def coerce(text, current):
 
 def method_args(method, base, overrides):
     """(module, Args, applied, not applicable) of a method: its Args on the benchmark's model, its MODEL_DEFAULTS,
-    the rewards' stand-ins, then the overrides where its Args has the field, then its own validate()."""
+    the rewards' stand-ins, then the overrides where its Args has the field, the defaults that follow from them
+    (resolve_stage2, where the method has one), then its own validate()."""
     mod = importlib.import_module(MODULE[method])
     fields = {f.name for f in dataclasses.fields(mod.Args)}
     args = mod.Args(model=base["model"], model_path=base["model_path"], prompts=base["prompts"],
@@ -332,6 +333,8 @@ def method_args(method, base, overrides):
             applied[name] = getattr(args, name)
         else:
             absent.append(name)
+    if hasattr(mod, "resolve_stage2"):  # the defaults that follow from other options (rtdmd: its stage 2 recipe's)
+        mod.resolve_stage2(args)
     mod.validate(args)
     return mod, args, applied, absent
 

@@ -96,14 +96,18 @@ world.alpha and world.reward, so it is identical on every flow world.
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import random
+import secrets
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -118,8 +122,9 @@ PICKSCORE_SCALE = 1 / 26  # the authors divide PickScore (logit_scale * cos ~ 22
 @dataclass
 class Args:
     # ---- world ----
-    model: str = "toy2d"
-    """world to distil: toy2d (2-D Gaussian mixture, CPU), or text-to-image sd3-medium, sd3.5-medium, sd3.5-large"""
+    model: Literal["toy2d", "sd3-medium", "sd3.5-medium", "sd3.5-large"] = "toy2d"
+    """world to distil: toy2d (2-D Gaussian mixture, CPU), or text-to-image sd3-medium, sd3.5-medium, sd3.5-large (flow
+    models only: sdxl is a VP / eps model, which RTDMD's CPS sampler cannot run)"""
     model_path: Optional[str] = None
     """local copy of the model weights (text-to-image worlds; default: the preset's hub repository)"""
     prompts: Optional[str] = None
@@ -127,88 +132,106 @@ class Args:
     eval_prompts: Optional[str] = None
     """text-to-image: held-out evaluation prompts (default: t2i/prompts/eval.txt)"""
     resolution: Optional[int] = None
-    """text-to-image: image size in pixels (RTDMD: SD3-M 1024, SD3.5-M 512)"""
+    """text-to-image: image size in pixels (RTDMD: SD3-M 1024, SD3.5-M 512; sd3.5-large 1024)"""
     t2i_reward: Optional[str] = None
     """text-to-image reward, name[:weight[:cap]],...: clip, pickscore, aesthetic, hpsv2, imagereward (the tilt's reward;
-    each term gets its own advantage normalisation under --advantage global-std)"""
+    each term gets its own advantage normalisation under --advantage global-std) (default: the authors'
+    clip,hpsv2,pickscore:0.03846153846, PickScore / 26)"""
     reward_checkpoints: Optional[str] = None
     """text-to-image: local reward weights, name=PATH,... (e.g. clip=/models/clip-vit-large-patch14)"""
     lora_rank: Optional[int] = None
-    """text-to-image: generator LoRA rank"""
+    """text-to-image: generator LoRA rank (authors: 32)"""
     lora_alpha: Optional[float] = None
-    """text-to-image: generator LoRA alpha (scale alpha / rank)"""
+    """text-to-image: generator LoRA alpha, scale alpha / rank (authors: 64)"""
     fake_lora_rank: Optional[int] = None
-    """text-to-image: fake-score LoRA rank"""
+    """text-to-image: fake-score LoRA rank (authors: 32)"""
     fake_lora_alpha: Optional[float] = None
-    """text-to-image: fake-score LoRA alpha"""
-    toy_mixture: str = "ring8"
+    """text-to-image: fake-score LoRA alpha (authors: 64)"""
+    toy_mixture: Literal["ring8", "grid25", "line3"] = "ring8"
     """toy teacher: ring8 (8 equal modes), grid25 (5x5, unequal weights), line3"""
     toy_spread: Optional[float] = None
     """toy mode standard deviation (None: the mixture's default)"""
-    toy_path: str = "flow"
-    """toy noising path: RTDMD needs flow (vp is refused)"""
+    toy_path: Literal["flow"] = "flow"
+    """toy noising path: flow (RTDMD's CPS sampler needs a flow path; the toy's vp path is refused)"""
     toy_classes: int = 0
     """toy class labels (mode k has label k % toy_classes); 0: unconditional"""
-    toy_reward: str = "linear"
-    """toy reward: linear (exact tilt known), quadratic, radius"""
+    toy_reward: Literal["linear", "quadratic", "radius"] = "linear"
+    """toy reward: linear and quadratic have an exact tilted teacher p exp(beta r) / Z (a Gaussian mixture again: the
+    energy_distance_tilted metric, --dm-target tilted); radius has none"""
     toy_reward_angle: float = 0.0
-    """direction of the linear reward, in degrees"""
+    """toy linear reward's direction in degrees from the x axis: r = cos(a) x_1 + sin(a) x_2"""
+    toy_reward_target: tuple[float, float] = (2.0, 0.0)
+    """toy quadratic reward's target point c: r = -|x - c|^2 / 2"""
     # ---- student and sampler ----
     student_steps: int = 4
     """K, the number of student sampling steps (pre-shift levels 1, 1 - 1/K, ..., 1/K, then 0)"""
     eta: float = 0.9
     """CPS stochasticity in [0, 1]: 0 Euler ODE, 1 consistency sampler (paper: 0.9; stage 2 needs eta > 0)"""
     micro_batch_size: Optional[int] = None
-    """rows per forward / backward chunk of every update (gradients accumulate into one optimiser step; the update is
-    the same for any value); 0: no chunking (toy2d: 0; SD3-M: 2, SD3.5-M: 4)"""
+    """split every forward / backward of a batch (fake updates, the generator update, the RL rollout, its reward decode
+    and update) into chunks of this many rows whose gradients accumulate into one optimiser step (the same update as the
+    whole batch); None: the whole batch at once (toy2d: None; SD3-M 2, SD3.5-M 4, SD3.5-L 2)"""
+    gradient_checkpointing: bool = True
+    """text-to-image: recompute the network's blocks (and the reward decode) in backward, to save memory;
+    --no-gradient-checkpointing keeps the activations (~17% less time per step, measured on CPU)"""
     # ---- stage 1: AC-DMD cold start ----
     cold_steps: Optional[int] = None
-    """stage 1 generator updates (toy2d: 400; paper: 1500)"""
+    """stage 1 generator updates (toy2d: 400; text-to-image: 1500, the paper's)"""
     batch_size: Optional[int] = None
-    """samples per stage 1 generator / fake update, per process (toy2d: 256; SD3: 72, the authors' 9 x 8 GPUs)"""
+    """samples per stage 1 generator / fake update, per process (toy2d: 256; text-to-image: 72, the authors' 9 x 8 GPUs)"""
     lr_generator: Optional[float] = None
-    """stage 1 generator learning rate (toy2d: 1e-3; authors: 3e-5)"""
+    """stage 1 generator learning rate (toy2d: 1e-3; text-to-image: 3e-5, the authors')"""
     lr_fake: Optional[float] = None
-    """fake-score learning rate, both stages (toy2d: 1e-3; authors: 3e-5)"""
+    """fake-score learning rate, both stages (toy2d: 1e-3; text-to-image: 3e-5, the authors')"""
     weight_decay_generator: float = 0.0
     """stage 1 AdamW weight decay of the generator adapter (authors: 0)"""
     fake_updates_per_step: Optional[int] = None
-    """stage 1 TTUR: fake-score updates per generator update (toy2d: 5; authors: 10)"""
+    """stage 1 TTUR: fake-score updates per generator update (toy2d: 5; text-to-image: 10, the authors')"""
     guidance_scale: Optional[float] = None
-    """classifier-free guidance of the real score (toy2d: 1.0; authors: SD3-M 7.0, SD3.5-M 4.5)"""
+    """classifier-free guidance of the real score (toy2d: 1.0, it needs --toy-classes; SD3-M 7.0, SD3.5 4.5, the
+    authors')"""
     renoise_offset: float = 0.01
     """renoise levels sigma_t ~ U[sigma_s + renoise_offset, top] (authors: 10 of 1000 timesteps)"""
     renoise_min: float = 0.02
     """renoise levels are clamped to [renoise_min, renoise_max] (authors: 20 / 1000)"""
     renoise_max: float = 0.98
     """see renoise_min (authors: 980 / 1000)"""
-    fake_weighting: Optional[str] = None
+    fake_weighting: Optional[Literal["clamped", "ambient"]] = None
     """weight of the fake's velocity error |v - v*|^2 in eq. 10: clamped, min(1, 10 sigma_ts^2) (the authors'
     clamp(1 / sigma_ts^2, 0, 10) on |sigma_ts (v - v*)|^2), or ambient, (sigma_ts / sigma_t)^2 (= the plain flow loss
-    at sigma_s = 0); sigma_ts^2 = sigma_t^2 - a^2 sigma_s^2 is the renoise variance (toy2d: ambient; SD3: clamped)"""
+    at sigma_s = 0); sigma_ts^2 = sigma_t^2 - a^2 sigma_s^2 is the renoise variance (toy2d: ambient; text-to-image:
+    clamped)"""
     gamma: float = 0.01
     """weight of the consistency regulariser in the fake-score loss (eq. 12; paper 0.01; 0: A-DMD)"""
     consistency_max_gap: float = 0.2
     """the consistency step goes from sigma_t to max(sigma_t - Delta, 0), Delta ~ U{1, ..., 1000 max_gap} / 1000
     (noise levels; authors: 200 timesteps)"""
-    consistency_kernel: str = "ddpm"
+    consistency_kernel: Literal["ddpm", "cps"] = "ddpm"
     """reverse kernel of the consistency step: ddpm (the DDPM posterior step, under which the optimal denoiser is
     self-consistent) or cps (the authors': CPS at --eta)"""
-    dm_scale: Optional[str] = None
+    dm_scale: Optional[Literal["kl", "dmd2"]] = None
     """distribution-matching scale: kl (un-normalised eq. 9, per sample alpha_k (s_fake - s_real)) or dmd2 (the authors':
-    normalised by mean|x_s - x0_real|, teacher and fake stepped back to sigma_s by CPS) (paper recipe: dmd2)"""
+    normalised by mean|x_s - x0_real|, teacher and fake stepped back to sigma_s by CPS) (paper recipe: text-to-image
+    dmd2, toy2d kl; natural recipe: kl)"""
     ema_decay: Optional[float] = None
-    """stage 1 generator EMA decay, one update per fake-score update (authors: 0.99 every global step); 0: no EMA"""
+    """stage 1 generator EMA decay, one update per fake-score update (toy2d and text-to-image: 0.99, the authors' every
+    global step); 0: no EMA"""
     # ---- stage 2: reward-tilted KL ----
-    stage2_recipe: str = "paper"
+    stage2_recipe: Literal["paper", "natural"] = "paper"
     """paper (Algorithm 1 at the authors' scales) or natural (the reward-tilted KL at natural scales); sets the stage 2
     defaults below that are None (see the docstring)"""
     rl_steps: Optional[int] = None
-    """stage 2 generator updates (toy2d: 800; paper: 1000)"""
+    """stage 2 generator updates (toy2d: 600; text-to-image: 1000, the paper's)"""
+    num_steps: Optional[int] = None
+    """the run's generator updates in all, cold_steps + rl_steps (None: derived). A new run sets its stages with
+    --cold-steps and --rl-steps (a --num-steps that differs from their sum is refused). --resume RUN_DIR --num-steps N
+    extends a run to N updates by lengthening its RL stage (rl_steps becomes N - cold_steps); the cold start keeps its
+    length, so a run stopped in stage 1 still switches to stage 2 at update cold_steps"""
     lr_generator_rl: Optional[float] = None
-    """stage 2 generator learning rate (authors: 3e-6)"""
+    """stage 2 generator learning rate (paper recipe: toy2d 2e-5, text-to-image 3e-6, the authors'; natural recipe:
+    toy2d 3e-4, text-to-image 3e-6)"""
     weight_decay_generator_rl: Optional[float] = None
-    """stage 2 AdamW weight decay of the generator adapter (authors: 1e-4)"""
+    """stage 2 AdamW weight decay of the generator adapter (toy2d: 0; text-to-image: 1e-4, the authors')"""
     beta: float = 1.0
     """reward strength of the tilt p exp(beta r) / Z (eq. 6; paper: 1.0)"""
     groups: Optional[int] = None
@@ -216,42 +239,49 @@ class Args:
     group_size: Optional[int] = None
     """trajectories per group N (toy2d: 16; authors: SD3-M 16, SD3.5-M 24)"""
     subset_size: Optional[int] = None
-    """SubGRPO: M stochastic steps per group with independent noise, 1 <= M <= K - 1 (default min(2, K - 1); paper: 2)"""
+    """SubGRPO: M stochastic steps per group with independent noise, 1 <= M <= K - 1 (default min(2, K - 1): 2 at the
+    default K = 4, the paper's; 1 at K = 2)"""
     naive_grpo: bool = False
     """naive GRPO: independent noise at every step, all K - 1 steps in the estimator (appendix H)"""
     reward_backprop: bool = True
-    """L_det (eq. 15): back-propagate the reward through the deterministic last step"""
+    """L_det (eq. 15): back-propagate the reward through the deterministic last step (--no-reward-backprop: off)"""
     det_weight: Optional[float] = None
-    """L_det = det_weight relu(det_margin - r) (authors: 1e-4, margin 3 on the summed rewards)"""
+    """L_det = det_weight relu(det_margin - r) (paper recipe: text-to-image 1e-4, the authors', toy2d 0.1; natural: 1)"""
     det_margin: Optional[float] = None
-    """see det_weight; inf: no hinge, L_det = det_weight r (the natural recipe)"""
-    advantage: Optional[str] = None
+    """see det_weight (paper recipe: 3, the authors', on the summed rewards); inf: no hinge, L_det = det_weight r (the
+    natural recipe)"""
+    advantage: Optional[Literal["global-std", "group-std", "center"]] = None
     """group advantage: global-std (the authors': per reward term (r - group mean) / (std over the batch + 1e-4),
     weighted sum, standardised again), group-std ((r - mean) / group std, the paper's text) or center (leave-one-out
-    r_i - mean of the others: unbiased, the natural recipe)"""
+    r_i - mean of the others: unbiased) (paper recipe: global-std; natural: center)"""
     advantage_clip: float = 5.0
     """clip advantages to +-this (authors: 5; 0: off)"""
-    log_prob: Optional[str] = None
+    log_prob: Optional[Literal["mse", "exact"]] = None
     """log-probability of a transition in L_stoc: mse (the authors' -mean_dims (x - mu)^2, no 1 / (2 std^2): it scales
-    the policy gradient by 2 std^2 / D) or exact (log N(x; mu, std^2 I) over the dims, eq. 13)"""
+    the policy gradient by 2 std^2 / D) or exact (log N(x; mu, std^2 I) over the dims, eq. 13) (paper recipe: mse;
+    natural: exact)"""
     clip_range: float = 1e-5
     """PPO ratio clip epsilon (paper: 1e-5); inactive with --ppo-epochs 1 (the ratio is 1)"""
     ppo_epochs: int = 1
     """optimiser steps per rollout, each on the whole rollout (authors: 1)"""
-    rl_dm: Optional[str] = None
+    rl_dm: Optional[Literal["final-step", "all-steps", "random-stop"]] = None
     """stage 2 DM term: final-step (AC-DMD on the rollout's deterministic last step, gradient through that step only,
     fake trained on the rollout's samples: the authors'), all-steps (fresh final samples differentiated through all K
-    steps: the output's KL gradient) or random-stop (stage 1's AC-DMD)"""
+    steps: the output's KL gradient) or random-stop (stage 1's AC-DMD) (paper recipe: final-step; natural: all-steps)"""
     dm_weight_rl: Optional[float] = None
-    """weight of the DM term in stage 2 (eq. 18: 1; authors: 0.001)"""
-    dm_target: str = "teacher"
-    """real score of the DM term: teacher, or tilted (toy: the exact p~'s noisy marginals; stage 2 is then DM only)"""
+    """weight of the DM term in stage 2 (eq. 18: 1; paper recipe: text-to-image 0.001, the authors', toy2d 1; natural: 1)"""
+    dm_target: Literal["teacher", "tilted"] = "teacher"
+    """real score of the DM term: teacher, or tilted (toy, linear or quadratic reward: the exact p~'s noisy marginals;
+    stage 2 is then DM only)"""
     rl_renoise_max: Optional[float] = None
-    """stage 2 (final-step, all-steps): top of the renoise interval (authors: 1, then clamped to renoise_max)"""
+    """stage 2 (final-step, all-steps): top of the renoise interval (paper recipe: 1, the authors', then clamped to
+    renoise_max; natural: 0.5)"""
     fake_updates_per_rl_step: Optional[int] = None
-    """stage 2 fake-score updates per generator update (authors: 1)"""
+    """stage 2 fake-score updates per generator update (paper recipe: 1, the authors'; natural: toy2d 5,
+    text-to-image 1)"""
     ema_decay_rl: Optional[float] = None
-    """stage 2 EMA: the top of the ramp min((1 + u) / (10 + u), ema_decay_rl) (authors: 0.9); 0: no EMA"""
+    """stage 2 EMA: the top of the ramp min((1 + u) / (10 + u), ema_decay_rl) (toy2d and text-to-image: 0.9, the
+    authors'); 0: no EMA"""
     ema_every_rl: int = 8
     """stage 2 EMA fires after update u when (u + 1) % ema_every_rl == 0 (authors: 8)"""
     ema_repeats_rl: int = 16
@@ -262,7 +292,7 @@ class Args:
     seed: int = 0
     """random seed (adapter init, noise, levels)"""
     device: str = "auto"
-    """cpu, cuda, or auto (cuda when available)"""
+    """cpu, cuda, cuda:N, or auto (cuda when available)"""
     output_dir: str = "runs"
     """parent directory of run directories"""
     run_name: Optional[str] = None
@@ -270,18 +300,23 @@ class Args:
     log_every: int = 25
     """steps between metrics.jsonl loss records"""
     eval_every: int = 200
-    """steps between evaluations (and checkpoints)"""
+    """steps between evaluations (and checkpoints; also at the end of each stage)"""
     eval_samples: Optional[int] = None
     """samples per evaluation (toy2d: 4000; text-to-image: 16, one per evaluation prompt)"""
     progress: bool = True
     """show a tqdm progress bar"""
+    resume: Optional[str] = None
+    """continue the run in this directory from its last complete checkpoint, with its own config (and --num-steps, if
+    given, to extend its RL stage): adapters, optimisers, both EMAs, step, stage and RNG states are restored, so the
+    result is the uninterrupted run's"""
 
 
-# Every None field gets its value here: the model's, then the stage 2 recipe's (per world kind).
+# Every None field gets its value here: the model's (MODEL_DEFAULTS, resolve_defaults), then the stage 2 recipe's per
+# kind of world (RECIPE_DEFAULTS, resolve_stage2), which also derives subset_size and num_steps.
 MODEL_DEFAULTS = {
     # toy2d: the toy scales (measured; the README's rtdmd section and tests/test_rtdmd_claims.py): the kl scale and
     # the ambient weighting (dm_scale and fake_weighting below), the authors' EMA.
-    "toy2d": dict(micro_batch_size=0, cold_steps=400, batch_size=256, lr_generator=1e-3, lr_fake=1e-3,
+    "toy2d": dict(cold_steps=400, batch_size=256, lr_generator=1e-3, lr_fake=1e-3,
                   fake_updates_per_step=5, guidance_scale=1.0, rl_steps=600, groups=16, group_size=16, eval_samples=4000,
                   fake_weighting="ambient", ema_decay=0.99, ema_decay_rl=0.9),
     # The authors' configs (notes/recipes.md section 3, configs/cold_start/*.yaml and configs/rtdmd/*.yaml), one value
@@ -341,8 +376,10 @@ def _col(v, x):
     return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() == 1 else v
 
 
-def row_chunks(n, size):
-    """Row slices of at most `size` rows covering 0..n (size 0 or None: one chunk)."""
+# Copied from dmd.py: micro_batches
+def micro_batches(n, size):
+    """Slices that split a batch of n into chunks of at most `size` (None: one chunk). A loss that is a mean over the
+    batch becomes the sum over chunks of chunk mean * chunk / n, so accumulated gradients equal the whole batch's."""
     size = size or n
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -421,11 +458,11 @@ def generator_state(world, cond, schedule, eta, x_start, noises, stop, all_steps
 
 
 @torch.no_grad()
-def simulate_states(world, cond, schedule, eta, stop, micro_batch_size=0):
+def simulate_states(world, cond, schedule, eta, stop, micro_batch_size=None):
     """Detached student states x_k at stop index k for conditions cond (n,), in chunks."""
     x_start, noises = chain_noise(world, cond, len(schedule) - 1)
     return torch.cat([generator_state(world, cond[r], schedule, eta, x_start[r], [z[r] for z in noises], stop)
-                      for r in row_chunks(cond.shape[0], micro_batch_size)])
+                      for r in micro_batches(cond.shape[0], micro_batch_size)])
 
 
 # ---- stage 1: AC-DMD (eq. 8-12) ----
@@ -573,7 +610,7 @@ def fake_update(world, args, opt_fake, x_s, sigma_s, cond, top=1.0):
     z1, z2 = torch.randn_like(x_s), torch.randn_like(x_s)
     opt_fake.zero_grad(set_to_none=True)
     fake_total, cons_total = 0.0, 0.0
-    for r in row_chunks(n, args.micro_batch_size):
+    for r in micro_batches(n, args.micro_batch_size):
         loss, x_t, x0_fake = ambient_fake_loss(world, x_s[r], sigma_s, cond[r], sigma_t[r], eps[r], args.fake_weighting)
         cons = (consistency_loss(world, x_t, sigma_t[r], x0_fake, cond[r], sigma_next[r], (z1[r], z2[r]),
                                  args.consistency_kernel, args.eta) if args.gamma > 0 else loss.new_zeros(()))
@@ -588,7 +625,9 @@ def fake_update(world, args, opt_fake, x_s, sigma_s, cond, top=1.0):
 
 
 def cold_update(world, args, schedule, opt_generator, tilted=None):
-    """One stage 1 generator update: AC-DMD (eq. 9) at a random stop index, in chunks. Returns logs."""
+    """One stage 1 generator update: AC-DMD (eq. 9) at a random stop index. Every draw (stop index, conditions, the
+    rollout's noises, renoise levels and noises) is made for the whole batch first, then the batch runs in micro-batches
+    whose gradients accumulate: the same update as one pass. Returns logs (grad_norm: before clipping)."""
     n = args.batch_size
     k = pick_stop(schedule)
     cond = world.sample_cond(n)
@@ -597,16 +636,16 @@ def cold_update(world, args, schedule, opt_generator, tilted=None):
     eps, step_noise = torch.randn_like(x_start), torch.randn_like(x_start)
     opt_generator.zero_grad(set_to_none=True)
     total = 0.0
-    for r in row_chunks(n, args.micro_batch_size):
+    for r in micro_batches(n, args.micro_batch_size):
         x_s = generator_state(world, cond[r], schedule, args.eta, x_start[r], [z[r] for z in noises], k)
         loss = acdmd_generator_loss(world, x_s, schedule[k], cond[r], sigma_t[r], eps[r], step_noise[r],
                                     args.guidance_scale, args.eta, args.dm_scale, tilted) * (x_s.shape[0] / n)
         check_finite(loss, "dm_loss")
         loss.backward()
         total += loss.item()
-    sync_and_clip(world.params("generator"), args.grad_clip)
+    grad_norm = sync_and_clip(world.params("generator"), args.grad_clip)
     opt_generator.step()
-    return {"dm_loss": total, "student_step": k}
+    return {"dm_loss": total, "student_step": k, "grad_norm": grad_norm}
 
 
 # ---- stage 2: hybrid policy gradient with SubGRPO (eq. 13-18) ----
@@ -633,12 +672,12 @@ def group_noises(world, cond, big_k, group_size, subset_size, naive, generator=N
 
 
 @torch.no_grad()
-def rollout(world, cond, schedule, eta, x_start, noises, micro_batch_size=0, log_prob=None):
+def rollout(world, cond, schedule, eta, x_start, noises, micro_batch_size=None, log_prob=None):
     """A detached K-step CPS trajectory [x_0, ..., x_{K-1}] and the clean samples x_K, in chunks; with log_prob (a form
     of transition_log_prob) also the sampling pass's log-probabilities (n, K-1) (PPO's old policy)."""
     big_k = len(schedule) - 1
     parts = []
-    for r in row_chunks(cond.shape[0], micro_batch_size):
+    for r in micro_batches(cond.shape[0], micro_batch_size):
         states, logps = [x_start[r]], []
         for k in range(1, big_k):
             x = states[-1]
@@ -749,7 +788,7 @@ def dm_fresh_batch(world, args, schedule, opt_fake, tilted):
     sigma_t = renoise_levels(schedule[k], n, args, x_start.device, top)
     eps, step_noise = torch.randn_like(x_start), torch.randn_like(x_start)
     total = 0.0
-    for r in row_chunks(n, args.micro_batch_size):
+    for r in micro_batches(n, args.micro_batch_size):
         x_s = generator_state(world, cond[r], schedule, args.eta, x_start[r], [z[r] for z in noises], k, all_steps)
         loss = acdmd_generator_loss(world, x_s, schedule[k], cond[r], sigma_t[r], eps[r], step_noise[r],
                                     args.guidance_scale, args.eta, args.dm_scale, tilted) * (x_s.shape[0] / n)
@@ -762,7 +801,8 @@ def dm_fresh_batch(world, args, schedule, opt_fake, tilted):
 def rl_update(world, args, schedule, opt_generator, opt_fake, tilted=None):
     """One stage 2 update (eq. 18, Algorithm 1 lines 6-13): rollout with SubGRPO's noise, rewards, the fake's update,
     advantages, then --ppo-epochs optimiser steps on  dm_weight_rl * DM - beta (L_stoc + L_det), in chunks.
-    tilted (dm_target tilted): DM only, against the exact tilted teacher. Returns logs."""
+    tilted (dm_target tilted): DM only, against the exact tilted teacher. Returns logs (grad_norm: the generator's
+    gradient norm before clipping, at the last optimiser step)."""
     big_k = len(schedule) - 1
     n = args.groups * args.group_size
     policy = tilted is None
@@ -770,15 +810,16 @@ def rl_update(world, args, schedule, opt_generator, opt_fake, tilted=None):
     if not (policy or final_step):  # DM only, on fresh batches: no rollout needed
         opt_generator.zero_grad(set_to_none=True)
         dm, fake, cons, k = dm_fresh_batch(world, args, schedule, opt_fake, tilted)
-        sync_and_clip(world.params("generator"), args.grad_clip)
+        grad_norm = sync_and_clip(world.params("generator"), args.grad_clip)
         opt_generator.step()
-        return {"dm_loss": dm, "fake_loss": fake, "consistency": cons, "student_step": k, "stoc": 0.0, "det": 0.0}
+        return {"dm_loss": dm, "fake_loss": fake, "consistency": cons, "student_step": k, "stoc": 0.0, "det": 0.0,
+                "grad_norm": grad_norm}
     cond = world.sample_cond(args.groups).repeat_interleave(args.group_size, 0)  # one condition per group
     x_start, noises, mask = group_noises(world, cond, big_k, args.group_size, args.subset_size, args.naive_grpo)
     states, x0, old_logps = rollout(world, cond, schedule, args.eta, x_start, noises, args.micro_batch_size,
                                     args.log_prob)
     with torch.no_grad():
-        parts = [reward_terms(world, x0[r], cond[r]) for r in row_chunks(n, args.micro_batch_size)]  # chunked decode
+        parts = [reward_terms(world, x0[r], cond[r]) for r in micro_batches(n, args.micro_batch_size)]  # chunked decode
         terms = [(parts[0][i][0], torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
         rewards = sum(w * s for w, s in terms)
     logs = {"reward": rewards.mean().item()}
@@ -793,7 +834,7 @@ def rl_update(world, args, schedule, opt_generator, opt_fake, tilted=None):
         eps = torch.randn_like(x0)
         opt_generator.zero_grad(set_to_none=True)
         stoc_total, det_total, dm_total = 0.0, 0.0, 0.0
-        for r in row_chunks(n, args.micro_batch_size):
+        for r in micro_batches(n, args.micro_batch_size):
             rows = x0[r].shape[0]
             for k in range(1, big_k) if policy else ():  # one backward per step: one forward's activations at a time
                 chosen = mask[r, k - 1]
@@ -823,23 +864,24 @@ def rl_update(world, args, schedule, opt_generator, opt_fake, tilted=None):
         if not final_step:
             dm_total, fake, cons, k = dm_fresh_batch(world, args, schedule, opt_fake, tilted)
             logs.update(fake_loss=fake, consistency=cons, student_step=k)
-        sync_and_clip(world.params("generator"), args.grad_clip)
+        grad_norm = sync_and_clip(world.params("generator"), args.grad_clip)
         opt_generator.step()
-    return {**logs, "dm_loss": dm_total, "stoc": stoc_total, "det": det_total}
+    return {**logs, "dm_loss": dm_total, "stoc": stoc_total, "det": det_total, "grad_norm": grad_norm}
 
 
 # ---- generator EMA (the authors': utils/ema.py, dmd_trainer.py, rtdmd_trainer.py) ----
 
 
+# Copied from dmd.py: ema_update
 @torch.no_grad()
-def ema_update(ema_params, params, decay):
-    """ema <- decay * ema + (1 - decay) * params, tensor by tensor (in place)."""
-    for e, p in zip(ema_params, params, strict=True):
-        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+def ema_update(ema, params, decay):
+    """Generator EMA: ema <- decay * ema + (1 - decay) * params, tensor by tensor (the fp32 adapter weights)."""
+    for e, p in zip(ema, params, strict=True):
+        e.lerp_(p.detach(), 1.0 - decay)
 
 
-def ema_decay_rl(update, max_decay):
-    """The authors' stage 2 ramp: min((1 + u) / (10 + u), max_decay) after update u."""
+def ema_ramp_decay(update, max_decay):
+    """The authors' stage 2 ramp: the decay min((1 + u) / (10 + u), max_decay) after update u."""
     return min((1 + update) / (10 + update), max_decay)
 
 
@@ -848,26 +890,14 @@ def ema_update_rl(ema_params, params, update, max_decay, every, repeats):
     weights at the ramp's decay d(u), i.e. one update at decay d(u)^repeats (the authors call their EMA once per
     sub-batch, 16 times per update, with the update counter u; it fires on every 8th)."""
     if (update + 1) % every == 0:
-        ema_update(ema_params, params, ema_decay_rl(update, max_decay) ** repeats)
+        ema_update(ema_params, params, ema_ramp_decay(update, max_decay) ** repeats)
 
 
-@contextlib.contextmanager
 def ema_weights(world, ema_params):
     """Within the block the generator runs with the EMA weights (None: unchanged); its own weights come back after."""
     if ema_params is None:
-        yield
-        return
-    params = world.params("generator")
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, ema_params, strict=True):
-            p.copy_(e)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
+        return contextlib.nullcontext()
+    return swapped_params(world.params("generator"), ema_params)
 
 
 def train_step(world, args, schedule, stage, opt_generator, opt_fake, ema=None, tilted=None):
@@ -947,22 +977,38 @@ def setup_distributed(args):
     return rank, world_size, f"cuda:{local_rank}" if cuda else "cpu"
 
 
+# Copied from dmd.py: resolve_defaults
 def resolve_defaults(args):
-    """Fill the None fields: the model's defaults, then the stage 2 recipe's for that kind of world, then the subset
-    size from K (min(2, K - 1))."""
-    if args.model not in MODELS:
-        return args  # validate() names the valid models
-    recipe = RECIPE_DEFAULTS.get((args.stage2_recipe, "toy2d" if args.model == "toy2d" else "t2i"), {})
-    for key, value in {**MODEL_DEFAULTS.get(args.model, {}), **recipe}.items():
+    """Fill the model-dependent defaults (None fields) from MODEL_DEFAULTS."""
+    for key, value in MODEL_DEFAULTS.get(args.model, {}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def resolve_stage2(args):
+    """The defaults that follow from other options (after resolve_defaults): the stage 2 recipe's for the kind of world
+    (RECIPE_DEFAULTS), subset_size from K (min(2, K - 1)), and num_steps = cold_steps + rl_steps. A resumed run given
+    --num-steps N (resume_args has checked N against the run's own) lengthens its RL stage: rl_steps = N - cold_steps."""
+    if args.model not in MODELS or args.stage2_recipe not in STAGE2_RECIPES:
+        return args  # validate() names the valid ones
+    recipe = RECIPE_DEFAULTS[(args.stage2_recipe, "toy2d" if args.model == "toy2d" else "t2i")]
+    for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.subset_size is None:
         args.subset_size = max(1, min(2, args.student_steps - 1))
+    if args.cold_steps is not None and args.rl_steps is not None:
+        if args.num_steps is None:
+            args.num_steps = args.cold_steps + args.rl_steps
+        elif args.resume is not None:
+            args.rl_steps = args.num_steps - args.cold_steps
     return args
 
 
 def validate(args):
-    """Every check that can fail before any work starts."""
+    """Every check that can fail before any work starts, on the options as main() resolves them (resolve_stage2 is
+    applied to a copy here)."""
     if args.model == "sdxl":
         raise ValueError("RTDMD's CPS sampler needs a flow model (x = (1 - sigma) x0 + sigma eps); sdxl is a VP / eps model. "
                          f"Use one of {', '.join(m for m in MODELS if m != 'toy2d')} (or dmd.py / dmdr.py / gdmd.py for sdxl)")
@@ -970,6 +1016,7 @@ def validate(args):
         raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
     if args.stage2_recipe not in STAGE2_RECIPES:
         raise ValueError(f"unknown stage2_recipe {args.stage2_recipe!r}; valid: {', '.join(STAGE2_RECIPES)}")
+    args = resolve_stage2(dataclasses.replace(args))
     if args.model == "toy2d":
         import toy2d
 
@@ -983,16 +1030,27 @@ def validate(args):
             raise ValueError(f"unknown toy reward {args.toy_reward!r}; valid rewards: {', '.join(toy2d.REWARDS)}")
     else:
         validate_t2i(args)
+    for name in (*MODEL_DEFAULTS["toy2d"], *RECIPE_DEFAULTS[("paper", "toy2d")], "subset_size", "num_steps"):
+        if getattr(args, name) is None:
+            raise ValueError(f"{name} has no default for model {args.model}: pass --{name.replace('_', '-')}")
+    check_world_options(args)
+    check_device(args.device)
     if not 2 <= args.student_steps <= 8:
         raise ValueError(f"student_steps must be in 2..8 (RTDMD needs a stochastic step), got {args.student_steps}")
     if not 0.0 <= args.eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {args.eta}")
-    for name in ("cold_steps", "rl_steps", "micro_batch_size"):
+    for name in ("cold_steps", "rl_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
+    if args.num_steps != args.cold_steps + args.rl_steps:
+        raise ValueError(f"num_steps {args.num_steps} is not cold_steps + rl_steps = {args.cold_steps + args.rl_steps}: "
+                         "a new run sets its stages with --cold-steps and --rl-steps; --num-steps N extends a run "
+                         "(with --resume RUN_DIR) to N updates")
+    if args.num_steps < 1:
+        raise ValueError("cold_steps + rl_steps must be >= 1: the run has no update")
     for name in ("batch_size", "fake_updates_per_step", "fake_updates_per_rl_step", "groups", "ppo_epochs",
-                 "ema_every_rl", "ema_repeats_rl", "log_every", "eval_every", "eval_samples"):
-        if getattr(args, name) < 1:
+                 "ema_every_rl", "ema_repeats_rl", "log_every", "eval_every", "eval_samples", "micro_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)}")
     if args.group_size < 2:
         raise ValueError(f"group_size must be >= 2 (group advantages need two trajectories), got {args.group_size}")
@@ -1055,40 +1113,98 @@ def validate_t2i(args):
         raise ValueError(f"resolution must be >= 8 pixels, got {args.resolution}")
 
 
-def make_world(args, device):
-    """The world named by --model (a flow world)."""
+# Copied from dmd.py: check_world_options
+def check_world_options(args):
+    """Options of one world are refused on the other, instead of being silently ignored."""
+    toy_options = {"toy_mixture": "ring8", "toy_spread": None, "toy_path": "flow", "toy_classes": 0,
+                   "toy_reward": "linear", "toy_reward_angle": 0.0, "toy_reward_target": (2.0, 0.0)}
+    t2i_options = ("model_path", "prompts", "eval_prompts", "resolution", "t2i_reward", "reward_checkpoints",
+                   "lora_rank", "lora_alpha", "fake_lora_rank", "fake_lora_alpha")
+    if args.model == "toy2d":
+        given = [name for name in t2i_options if getattr(args, name, None) is not None]
+        given += [] if getattr(args, "gradient_checkpointing", True) else ["no_gradient_checkpointing"]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is a text-to-image option: the toy world has no use for it")
+        if args.toy_classes == 0 and getattr(args, "guidance_scale", 1.0) not in (None, 1.0):
+            raise ValueError(f"guidance_scale {args.guidance_scale} does nothing on the unconditional toy (it has no "
+                             "condition to guide toward): pass --toy-classes N too, or leave it at 1")
+    else:
+        given = [name for name, default in toy_options.items()
+                 if (tuple(v) if isinstance(v := getattr(args, name, default), list) else v) != default]  # json: lists
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is a toy option: --model {args.model} has no use for it")
+
+
+# Copied from dmd.py: check_device
+def check_device(device):
+    """--device: cpu, cuda, cuda:N, or auto; a device this torch cannot use is an error before any work."""
+    if device in ("auto", "cpu"):
+        return
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"unknown device {device!r}; valid devices: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device {device}: {why} (use --device cpu or auto)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+
+
+# Copied from dmd.py: make_world
+def make_world(args, device, n_fakes=1):
+    """The world named by --model: the toy, or a text-to-image preset (imported only then: the toy path stays light),
+    with n_fakes fake-score adapters (fake, fake1, ...: one per student step for --fake-tracks per-step)."""
     if args.model == "toy2d":
         import toy2d
 
         torch.set_num_threads(1)  # 2-D toy tensors: thread hand-offs cost more than they save (13x on 2 busy cores)
-        world = toy2d.ToyWorld(
+        return toy2d.ToyWorld(
             mixture=args.toy_mixture, spread=args.toy_spread, path=args.toy_path, n_classes=args.toy_classes,
-            reward=args.toy_reward, reward_angle=args.toy_reward_angle, seed=args.seed, device=device,
+            reward=args.toy_reward, reward_angle=args.toy_reward_angle, reward_target=tuple(args.toy_reward_target),
+            n_fakes=n_fakes, seed=args.seed, device=device,
         )
-    elif args.model in MODELS:
+    if args.model in MODELS:
         import t2i
         from t2i.rewards import parse_checkpoints
 
-        world = t2i.T2IWorld(
+        return t2i.T2IWorld(
             args.model, model_path=args.model_path, prompts=args.prompts, eval_prompts=args.eval_prompts,
             resolution=args.resolution, reward=args.t2i_reward, reward_checkpoints=parse_checkpoints(args.reward_checkpoints),
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, fake_lora_rank=args.fake_lora_rank,
-            fake_lora_alpha=args.fake_lora_alpha, seed=args.seed, device=device,
+            fake_lora_alpha=args.fake_lora_alpha, n_fakes=n_fakes, seed=args.seed, device=device,
+            gradient_checkpointing=args.gradient_checkpointing, decode_chunk=args.micro_batch_size,
         )
-    else:
-        raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
-    if not world.is_flow:
-        raise ValueError("RTDMD's CPS sampler needs a flow world (world.is_flow is False)")
-    return world
+    raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
 
 
-def make_run_dir(args, method):
-    name = args.run_name or f"{method}__{args.model}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+# Copied from dmd.py: run_dir_path
+def run_dir_path(args, method):
+    """The run directory, checked before any work (collision, a parent that cannot be written) and created only once
+    the world is built. The default name is unique even for two runs started in the same second."""
+    name = args.run_name or f"{method}__{args.model}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_dir = Path(args.output_dir) / name
     if run_dir.exists():
         raise FileExistsError(f"run directory {run_dir} exists; it is never overwritten (choose another --run-name)")
-    run_dir.mkdir(parents=True)
+    parent = Path(args.output_dir)
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output-dir {args.output_dir}: {parent} is not writable")
     return run_dir
+
+
+# Copied from dmd.py: rng_state
+def rng_state():
+    """Every random state a run draws from: torch's CPU generator, every CUDA device's, Python's random."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate()}
+
+
+# Copied from dmd.py: set_rng_state
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
 
 
 # Copied from dmd.py: swapped_params
@@ -1132,13 +1248,89 @@ def save_checkpoint(world, run_dir, step, training_state=None, ema=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_run_checkpoint(world, run_dir, step, ema):
-    """checkpoint/ with the EMA weights as the generator (what is evaluated, and what a stock pipeline loads) and,
-    with an EMA, the trained weights in checkpoint/raw/."""
-    with ema_weights(world, ema):
-        save_checkpoint(world, run_dir, step)
-    if ema is not None:
-        world.save("generator", run_dir / "checkpoint" / "raw")
+# Copied from dmd.py: find_checkpoint
+def find_checkpoint(run_dir):
+    """The last complete checkpoint of a run, in every crash window of save_checkpoint: checkpoint/, else a complete
+    checkpoint.tmp/ (a crash between the two renames: it is the newer one), else checkpoint.old/. None if there is none."""
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        if (Path(run_dir) / name / "state.json").exists():
+            return Path(run_dir) / name
+    return None
+
+
+# Copied from dmd.py: resume_args
+def resume_args(args, method):
+    """--resume RUN_DIR: that run's own config (the run continues in its own directory), with --num-steps raised if
+    given. Returns (args, checkpoint directory)."""
+    run_dir = Path(args.resume)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a {method} run directory)")
+    config = json.loads(config_path.read_text())
+    if config.pop("method", method) != method:
+        raise ValueError(f"--resume {run_dir} is not a {method} run")
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None or not (ckpt / "training_state.pt").exists():
+        raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint with a training state")
+    known = {f.name for f in dataclasses.fields(args)}
+    resumed = type(args)(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in known})
+    resumed.resume, resumed.progress = str(run_dir), args.progress
+    if args.num_steps is not None and args.num_steps != resumed.num_steps:
+        schedule = getattr(resumed, "lr_schedule", "constant")
+        if schedule != "constant":
+            raise ValueError(f"--resume {run_dir} --num-steps {args.num_steps}: its {schedule} lr schedule is "
+                             f"fixed by num_steps ({resumed.num_steps}); only a constant-lr run can be extended")
+        if args.num_steps < resumed.num_steps:
+            raise ValueError(f"--num-steps {args.num_steps} is below the run's {resumed.num_steps}: a run is only extended")
+        resumed.num_steps = args.num_steps
+    resumed.run_name, resumed.output_dir = run_dir.name, str(run_dir.parent)
+    return resumed, ckpt
+
+
+# Copied from dmd.py: load_training_state
+def load_training_state(world, ckpt, optimizers, schedulers):
+    """Restore adapters, optimiser and scheduler states and RNG states from a checkpoint; returns the training state
+    (its "step", "ema" and the method's own counters)."""
+    state = torch.load(ckpt / "training_state.pt", map_location=world.device, weights_only=False)  # our own file
+    for role in world.adapter_roles:
+        world.load(role, ckpt / "raw" if role == "generator" and state["ema"] is not None else ckpt)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    for name, sched in schedulers.items():
+        sched.load_state_dict(state["schedulers"][name])
+    set_rng_state(state["rng"])
+    return state
+
+
+# Copied from dmd.py: read_history
+def read_history(run_dir, step):
+    """metrics.jsonl's records up to `step` (a resumed run rewrites what came after its checkpoint, so no record is
+    duplicated)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    kept = [r for r in records if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+# Copied from dmd.py: provenance
+def provenance(device):
+    """What config.json records beside the options: the git commit, the package versions, the resolved device."""
+    import importlib.metadata as md
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "peft"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    return {"git_commit": commit, "versions": versions, "device": str(device)}
 
 
 @torch.no_grad()
@@ -1159,25 +1351,40 @@ def make_optimizers(world, args, stage):
 
 
 def main(args, world=None):
-    """Run the method. world: an already built world (tests, notebooks); default make_world(args)."""
-    args = resolve_defaults(args)
+    """Run the method (or, --resume, continue a run). world: an already built world (tests, notebooks)."""
+    ckpt = None
+    if args.resume is not None:
+        args, ckpt = resume_args(args, "rtdmd")
+    args = resolve_stage2(resolve_defaults(args))
     validate(args)
     rank, world_size, device = setup_distributed(args)
+    lead = rank == 0  # data parallel: rank 0 alone evaluates, logs and saves
+    run_dir = (Path(args.resume) if ckpt else run_dir_path(args, "rtdmd")) if lead else None  # checked before any work
     torch.manual_seed(args.seed)
     world = world if world is not None else make_world(args, device)
+    if not world.is_flow:
+        raise ValueError("RTDMD's CPS sampler needs a flow world (world.is_flow is False)")
     if world_size > 1:
         torch.manual_seed(args.seed + 1000 * rank)  # data parallel: each rank its own noise, prompts and levels
-    lead = rank == 0  # data parallel: rank 0 alone evaluates, logs and saves
-    run_dir = make_run_dir(args, "rtdmd") if lead else None
-    if lead:
-        (run_dir / "config.json").write_text(json.dumps({"method": "rtdmd", **asdict(args)}, indent=2))
     schedule = student_schedule(world, args.student_steps)
-    opt_generator, opt_fake = make_optimizers(world, args, 1)
-    beta = args.beta if args.toy_reward in ("linear", "quadratic") else None
+    beta = args.beta if args.model == "toy2d" and args.toy_reward in ("linear", "quadratic") else None
     tilted = world.reward_fn.tilt(world.mixture, args.beta) if args.dm_target == "tilted" else None
+    total = args.num_steps  # = cold_steps + rl_steps
+    opt_generator, opt_fake = make_optimizers(world, args, 1)
+    optimizers = {"generator": opt_generator, "fake": opt_fake}
     ema = [p.detach().clone() for p in world.params("generator")] if args.ema_decay > 0 else None
-
-    history = []
+    first_step, history = 1, []
+    if ckpt is not None:  # every rank restores the same adapters, optimiser states, EMA and RNG states; a checkpoint
+        # in stage 2 holds stage 2's optimiser states (with their rates) and EMA; one taken at step cold_steps still
+        # holds stage 1's, and the switch below happens at the start of update cold_steps + 1, as in an unbroken run
+        state = load_training_state(world, ckpt, optimizers, {})
+        ema, first_step = state["ema"], state["step"] + 1
+        history = read_history(run_dir, state["step"]) if lead else []
+    if lead:  # a resumed run rewrites its config with the extended num_steps / rl_steps
+        run_dir.mkdir(parents=True, exist_ok=ckpt is not None)
+        (run_dir / "config.json").write_text(json.dumps({"method": "rtdmd", **asdict(args), "provenance": provenance(device)},
+                                                        indent=2))
+        print(f"rtdmd: {'resuming' if ckpt else 'run'} {run_dir} (from step {first_step})", file=sys.stderr)
     log = open(run_dir / "metrics.jsonl", "a") if lead else open(os.devnull, "w")
 
     def record(entry):
@@ -1185,52 +1392,68 @@ def main(args, world=None):
         log.write(json.dumps(entry) + "\n")
         log.flush()
 
-    if lead:
-        samples, _, metrics = evaluate(world, schedule, args.eta, args.eval_samples, args.seed + 1, beta)
+    def training_state(step):
+        return {"step": step, "stage": 1 if step <= args.cold_steps else 2, "schedulers": {}, "rng": rng_state(),
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}
+
+    def evaluation():
+        with ema_weights(world, ema):
+            return evaluate(world, schedule, args.eta, args.eval_samples, args.seed + 1, beta)
+
+    if lead and ckpt is None:
+        _, _, metrics = evaluation()
         record({"step": 0, "stage": 1, **metrics})
-        save_run_checkpoint(world, run_dir, 0, ema)
-    start = time.time()
-    total = args.cold_steps + args.rl_steps
-    bar = tqdm(range(1, total + 1), desc="rtdmd stage 1 (AC-DMD)", disable=not (args.progress and lead), dynamic_ncols=True)
+        save_checkpoint(world, run_dir, 0, training_state(0), ema)
+    start, shown, samples = time.time(), {}, None
+    stage_names = {1: "rtdmd stage 1 (AC-DMD)", 2: f"rtdmd stage 2 ({args.stage2_recipe})"}
+    bar = tqdm(range(first_step, total + 1), desc=stage_names[1 if first_step <= args.cold_steps else 2],
+               disable=not (args.progress and lead), dynamic_ncols=True, initial=first_step - 1, total=total)
     for step in bar:
         stage = 1 if step <= args.cold_steps else 2
-        if stage == 2 and step == args.cold_steps + 1:
-            if lead and args.cold_steps > 0:
-                world.plot_samples(samples, run_dir / "samples_cold_start.png",
-                                   f"rtdmd after stage 1 (AC-DMD), step {args.cold_steps}", beta=beta)
+        if step == args.cold_steps + 1:  # the switch to stage 2
             if ema is not None:  # stage 2 starts from the cold start's EMA weights (the authors load generator_ema.pt)
                 with torch.no_grad():
                     for p, e in zip(world.params("generator"), ema, strict=True):
                         p.copy_(e)
             ema = [p.detach().clone() for p in world.params("generator")] if args.ema_decay_rl > 0 else None
             opt_generator, opt_fake = make_optimizers(world, args, 2)
-            bar.set_description(f"rtdmd stage 2 ({args.stage2_recipe})")
-            if not args.progress:
-                print(f"rtdmd: stage 2 ({args.stage2_recipe} recipe, beta={args.beta}) from step {step}")
+            optimizers.update(generator=opt_generator, fake=opt_fake)
+            bar.set_description(stage_names[2])
+            if lead and not args.progress:
+                print(f"rtdmd: stage 2 ({args.stage2_recipe} recipe, beta={args.beta}) from step {step}", file=sys.stderr)
         try:
             losses = train_step(world, args, schedule, stage, opt_generator, opt_fake, ema if stage == 1 else None, tilted)
         except FloatingPointError as err:
             log.close()
-            raise FloatingPointError(
-                f"{err} at step {step} (stage {stage}); stopped. The last good checkpoint is {run_dir / 'checkpoint'}"
-            ) from None
+            where = run_dir / "checkpoint" if lead else "rank 0's run directory"
+            raise FloatingPointError(f"{err} at step {step} (stage {stage}); stopped. The last good checkpoint is {where}"
+                                     ) from None
         if stage == 2 and ema is not None:
             ema_update_rl(ema, world.params("generator"), step - args.cold_steps, args.ema_decay_rl, args.ema_every_rl,
                           args.ema_repeats_rl)
         if step % args.log_every == 0:
-            record({"step": step, "stage": stage, "time": time.time() - start, **losses})
-            bar.set_postfix(dm=f"{losses['dm_loss']:.2e}", reward=f"{losses.get('reward', float('nan')):.3f}")
+            record({"step": step, "stage": stage, "time": time.time() - start, "lr": opt_generator.param_groups[0]["lr"],
+                    **losses})
+            bar.set_postfix(dm=f"{losses['dm_loss']:.2e}",
+                            **({"reward": f"{losses['reward']:.3f}"} if "reward" in losses else {}), **shown)
         if lead and (step % args.eval_every == 0 or step == args.cold_steps or step == total):
-            with ema_weights(world, ema):
-                samples, cond, metrics = evaluate(world, schedule, args.eta, args.eval_samples, args.seed + 1, beta)
+            samples, cond, metrics = evaluation()
             record({"step": step, "stage": stage, "time": time.time() - start, **metrics})
-            bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}",
-                            **({"ed": f"{metrics['energy_distance']:.4f}"} if "energy_distance" in metrics else {}))
-            save_run_checkpoint(world, run_dir, step, ema)
+            shown = {"eval_reward": f"{metrics['mean_reward']:.3f}",
+                     **({"ed": f"{metrics['energy_distance']:.4f}"} if "energy_distance" in metrics else {}),
+                     **({"ed_tilted": f"{metrics['energy_distance_tilted']:.4f}"}
+                        if "energy_distance_tilted" in metrics else {})}
+            bar.set_postfix(dm=f"{losses['dm_loss']:.2e}", **shown)
+            save_checkpoint(world, run_dir, step, training_state(step), ema)
+            if step == args.cold_steps:
+                world.plot_samples(samples, run_dir / "samples_cold_start.png",
+                                   f"rtdmd after stage 1 (AC-DMD), step {args.cold_steps}", beta=beta)
     log.close()
     if not lead:  # data parallel: the other ranks stop here; rank 0 writes the figures
         return {"run_dir": None, "history": history, "final": history[-1] if history else {}, "world": world, "ema": ema}
 
+    if samples is None:  # a resumed run that had nothing left to do
+        samples, _, _ = evaluation()
     world.plot_samples(samples, run_dir / "samples.png",
                        f"rtdmd, {args.student_steps}-step student, beta={args.beta}, step {total}", beta=beta)
     world.plot_curves(history, ["dm_loss", "fake_loss", "consistency", "reward", "energy_distance",
@@ -1241,5 +1464,24 @@ def main(args, world=None):
     return {"run_dir": run_dir, "history": history, "final": final, "world": world, "ema": ema}
 
 
+# Copied from dmd.py: cli
+def cli(main, args_class):
+    """The command line: a validation error (bad input, caught before any work) prints `error: <message>` on one line
+    and exits 2; any other failure keeps its traceback."""
+    args = tyro.cli(args_class)
+    method = Path(sys.argv[0]).stem
+    try:
+        checked = dataclasses.replace(args)  # resolve_defaults fills in place: check a copy, run the original
+        if checked.resume is not None:
+            checked, _ = resume_args(checked, method)
+        validate(resolve_defaults(checked))
+        if checked.resume is None and int(os.environ.get("RANK", "0")) == 0:
+            run_dir_path(checked, method)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    main(args)
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli(main, Args)

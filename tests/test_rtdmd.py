@@ -452,7 +452,7 @@ def test_tilted_target_needs_the_toy_and_an_exact_tilt():
     with pytest.raises(ValueError, match="exact tilted teacher"):
         rtdmd.validate(rtdmd.resolve_defaults(rtdmd.Args(dm_target="tilted", toy_reward="radius")))
     with pytest.raises(ValueError, match="guidance-scale 1"):
-        rtdmd.validate(rtdmd.resolve_defaults(rtdmd.Args(dm_target="tilted", guidance_scale=2.0)))
+        rtdmd.validate(rtdmd.resolve_defaults(rtdmd.Args(dm_target="tilted", guidance_scale=2.0, toy_classes=2)))
     rtdmd.validate(rtdmd.resolve_defaults(rtdmd.Args(dm_target="tilted", eta=0.0)))  # no policy: eta 0 is fine
 
 
@@ -461,7 +461,7 @@ def test_eta0_is_fine_without_stage2_and_two_steps_need_no_subset_flag(tmp_path)
     out = rtdmd.main(rtdmd.Args(output_dir=str(tmp_path), run_name="a", progress=False, eta=0.0, rl_steps=0, cold_steps=2,
                                 batch_size=16, eval_samples=64))
     assert out["final"]["step"] == 2
-    assert rtdmd.resolve_defaults(rtdmd.Args(student_steps=2)).subset_size == 1
+    assert rtdmd.resolve_stage2(rtdmd.resolve_defaults(rtdmd.Args(student_steps=2))).subset_size == 1
     out = rtdmd.main(rtdmd.Args(output_dir=str(tmp_path), run_name="b", progress=False, student_steps=2, cold_steps=2,
                                 rl_steps=2, batch_size=16, groups=2, group_size=4, eval_samples=64))
     assert math.isfinite(out["final"]["mean_reward"])

@@ -91,7 +91,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def natural_fixed_point(world):
-    args = rtdmd.resolve_defaults(rtdmd.Args(stage2_recipe="natural"))
+    args = rtdmd.resolve_stage2(rtdmd.resolve_defaults(rtdmd.Args(stage2_recipe="natural")))
     levels, weights = level_quadrature(args.renoise_offset, args.rl_renoise_max, args.renoise_min)
     return fixed_point_on_grid(world.mixture, world.reward_fn, BETA, levels, weights)
 

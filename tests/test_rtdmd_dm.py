@@ -148,6 +148,9 @@ class LastStepWorld(GaussianFakeWorld):
     def reward(self, x0, cond):
         return self.reward_fn(x0)
 
+    def reward_terms(self, x0, cond):
+        return {self.reward_fn.name: (1.0, self.reward(x0, cond))}
+
 
 def renoise_law_quadrature(args, k=48):
     """Nodes and weights of sigma_t ~ U[0.01, 1] clamped to [0.02, 0.98]: atoms at the clamps, Gauss-Legendre inside."""
@@ -166,8 +169,9 @@ def test_stage2_dm_path_is_the_output_kl_gradient_through_the_last_step():
     x_3 held fixed), t over the renoise law, within 4.5 SE; and it is > 10 SE away from the all-steps gradient, which
     also moves x_3 (by 0.3 * 0.75 c = 0.18 of b: that derivative is 1.18 times larger)."""
     world = LastStepWorld()
-    args = rtdmd.resolve_defaults(rtdmd.Args(dm_scale="kl", beta=0.0, reward_backprop=False, grad_clip=0.0, groups=256,
-                                             group_size=16, dm_weight_rl=1.0, gamma=0.0))
+    args = rtdmd.resolve_stage2(rtdmd.resolve_defaults(rtdmd.Args(
+        dm_scale="kl", beta=0.0, reward_backprop=False, grad_clip=0.0, groups=256, group_size=16, dm_weight_rl=1.0,
+        gamma=0.0)))
     rtdmd.validate(args)
     schedule = [1.0, 0.75, 0.5, 0.25, 0.0]
     opt_generator = torch.optim.SGD(world.params("generator"), lr=0.0)

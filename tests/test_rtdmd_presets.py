@@ -96,7 +96,7 @@ def test_code_deviations_are_stated_in_the_docstring():
 
 
 def resolved(model):
-    return rtdmd.resolve_defaults(rtdmd.Args(model=model))
+    return rtdmd.resolve_stage2(rtdmd.resolve_defaults(rtdmd.Args(model=model)))
 
 
 @pytest.mark.parametrize("column,model", [(1, "sd3-medium"), (2, "sd3.5-medium")])
@@ -117,7 +117,8 @@ def test_the_table_covers_every_stage_setting():
     """Every Args field that sets the algorithm on text-to-image is either in TABLE or in DEVIATIONS (plumbing, world
     and toy fields excluded), so a new option cannot slip in without its recipes.md row."""
     plumbing = {"model", "model_path", "prompts", "eval_prompts", "reward_checkpoints", "seed", "device", "output_dir",
-                "run_name", "log_every", "eval_every", "eval_samples", "progress"}
+                "run_name", "log_every", "eval_every", "eval_samples", "progress", "resume", "num_steps",
+                "gradient_checkpointing"}
     toy = {f for f in vars(rtdmd.Args()) if f.startswith("toy_")}
     covered = {row[0] for row in TABLE} | {row[0] for row in DEVIATIONS}
     assert set(vars(rtdmd.Args())) - plumbing - toy - covered == set()

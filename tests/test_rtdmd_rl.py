@@ -32,7 +32,8 @@ def test_ppo_clip_is_inactive_with_one_epoch_and_bites_with_two(epochs):
     params = []
     for clip in (1e-5, 1e6):
         world = copy.deepcopy(base)
-        args = rtdmd.resolve_defaults(rtdmd.Args(groups=4, group_size=8, clip_range=clip, ppo_epochs=epochs))
+        args = rtdmd.resolve_stage2(rtdmd.resolve_defaults(rtdmd.Args(groups=4, group_size=8, clip_range=clip,
+                                                                     ppo_epochs=epochs)))
         opt_g, opt_f = rtdmd.make_optimizers(world, args, 2)
         torch.manual_seed(3)
         rtdmd.rl_update(world, args, schedule, opt_g, opt_f)
@@ -52,8 +53,8 @@ def test_ema_update_is_its_closed_form():
     for j in range(2):
         closed = 0.9**5 * e0[j] + sum(0.1 * 0.9 ** (5 - i) * targets[i - 1][j] for i in range(1, 6))
         assert torch.allclose(ema[j], closed, rtol=1e-12, atol=1e-14)
-    assert rtdmd.ema_decay_rl(0, 0.9) == pytest.approx(0.1) and rtdmd.ema_decay_rl(80, 0.9) == 0.9
-    assert rtdmd.ema_decay_rl(7, 0.9) == pytest.approx(8 / 17)
+    assert rtdmd.ema_ramp_decay(0, 0.9) == pytest.approx(0.1) and rtdmd.ema_ramp_decay(80, 0.9) == 0.9
+    assert rtdmd.ema_ramp_decay(7, 0.9) == pytest.approx(8 / 17)
 
 
 def weight_sequence(n, seed=1):
@@ -80,7 +81,7 @@ def test_stage1_ema_is_the_authors_per_global_step_ema(monkeypatch):
     monkeypatch.setattr(rtdmd, "cold_update", cold_update)
     monkeypatch.setattr(rtdmd, "fake_update", lambda *a, **k: (0.0, 0.0))
     monkeypatch.setattr(rtdmd, "simulate_states", lambda *a, **k: None)
-    args = rtdmd.resolve_defaults(rtdmd.Args(fake_updates_per_step=ttur, ema_decay=0.99, batch_size=4))
+    args = rtdmd.resolve_stage2(rtdmd.resolve_defaults(rtdmd.Args(fake_updates_per_step=ttur, ema_decay=0.99, batch_size=4)))
     schedule = rtdmd.student_schedule(world, 4)
     ours = [thetas[0][0].clone()]
     for _ in range(rounds):
