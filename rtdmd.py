@@ -14,10 +14,14 @@
     python rtdmd.py --rl-steps 0 --gamma 0            # table 3: A-DMD (no consistency regulariser)
     python rtdmd.py --model sd3.5-medium              # text-to-image, the authors' recipe (GPU; flow presets only)
     torchrun --nproc_per_node 8 rtdmd.py --model sd3.5-medium --batch-size 9 --groups 6   # per-GPU sizes
+    python rtdmd.py --resume runs/<run>               # continue a stopped run from its last checkpoint, exactly
+    python rtdmd.py --resume runs/<run> --num-steps 1500   # ... and extend its RL stage to 1500 updates in all
     python rtdmd.py --help                            # every option, with its default
 
-A run writes runs/rtdmd__<model>__<seed>__<time>/: config.json, metrics.jsonl, checkpoint/ (generator = the EMA
-weights that are evaluated, raw/ = the trained weights, fake), samples_cold_start.png, samples.png, curves.png.
+A run writes runs/rtdmd__<model>__<seed>__<time>/: config.json (with the git commit, package versions, device),
+metrics.jsonl (losses, lr, gradient norm, evaluations), checkpoint/ (generator = the EMA weights that are evaluated,
+raw/ = the trained weights, fake, and the training state --resume restores: optimisers, the generator EMA, step,
+RNG states), samples_cold_start.png, samples.png, curves.png.
 
 The algorithm (Algorithm 1, appendix I; equation numbers of the paper)
     Student: K CPS steps (eq. 19-21) on the noise levels 1 = sigma_0 > sigma_1 > ... > sigma_{K-1} > sigma_K = 0.
@@ -135,7 +139,7 @@ class Args:
     """text-to-image: image size in pixels (RTDMD: SD3-M 1024, SD3.5-M 512; sd3.5-large 1024)"""
     t2i_reward: Optional[str] = None
     """text-to-image reward, name[:weight[:cap]],...: clip, pickscore, aesthetic, hpsv2, imagereward (the tilt's reward;
-    each term gets its own advantage normalisation under --advantage global-std) (default: the authors'
+    each term gets its own advantage normalisation under --advantage global-std) (presets: the authors'
     clip,hpsv2,pickscore:0.03846153846, PickScore / 26)"""
     reward_checkpoints: Optional[str] = None
     """text-to-image: local reward weights, name=PATH,... (e.g. clip=/models/clip-vit-large-patch14)"""
