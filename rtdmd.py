@@ -99,8 +99,10 @@ is a noise level sigma drawn directly, unshifted, as in the authors' code. The a
 world.alpha and world.reward, so it is identical on every flow world.
 """
 
+import ast
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -108,10 +110,12 @@ import random
 import secrets
 import shutil
 import sys
+import textwrap
 import time
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +170,7 @@ class Args:
     """toy linear reward's direction in degrees from the x axis: r = cos(a) x_1 + sin(a) x_2"""
     toy_reward_target: tuple[float, float] = (2.0, 0.0)
     """toy quadratic reward's target point c: r = -|x - c|^2 / 2"""
-    # ---- student and sampler ----
+    # ---- student, sampler and training ----
     student_steps: int = 4
     """K, the number of student sampling steps (pre-shift levels 1, 1 - 1/K, ..., 1/K, then 0)"""
     eta: float = 0.9
@@ -178,7 +182,9 @@ class Args:
     gradient_checkpointing: bool = True
     """text-to-image: recompute the network's blocks (and the reward decode) in backward, to save memory;
     --no-gradient-checkpointing keeps the activations (~17% less time per step, measured on CPU)"""
-    # ---- stage 1: AC-DMD cold start ----
+    grad_clip: float = 1.0
+    """gradient-norm clipping of both adapters, both stages (0: off; authors: 1.0)"""
+    # ---- stage 1: AC DMD cold start ----
     cold_steps: Optional[int] = None
     """stage 1 generator updates (toy2d: 400; text-to-image: 1500, the paper's)"""
     batch_size: Optional[int] = None
@@ -215,12 +221,12 @@ class Args:
     self-consistent) or cps (the authors': CPS at --eta)"""
     dm_scale: Optional[Literal["kl", "dmd2"]] = None
     """distribution-matching scale: kl (un-normalised eq. 9, per sample alpha_k (s_fake - s_real)) or dmd2 (the authors':
-    normalised by mean|x_s - x0_real|, teacher and fake stepped back to sigma_s by CPS) (paper recipe: text-to-image
-    dmd2, toy2d kl; natural recipe: kl)"""
+    normalised by mean|x_s - x0_real|, teacher and fake stepped back to sigma_s by CPS) (default: the --stage2-recipe
+    preset's; paper: dmd2 on text-to-image, kl on toy2d; natural: kl)"""
     ema_decay: Optional[float] = None
-    """stage 1 generator EMA decay, one update per fake-score update (toy2d and text-to-image: 0.99, the authors' every
-    global step); 0: no EMA"""
-    # ---- stage 2: reward-tilted KL ----
+    """stage 1 generator EMA decay, one update per fake-score update; 0: no EMA (toy2d: 0.99; text-to-image: 0.99, the
+    authors' every global step)"""
+    # ---- stage 2: the reward tilted KL ----
     stage2_recipe: Literal["paper", "natural"] = "paper"
     """paper (Algorithm 1 at the authors' scales) or natural (the reward-tilted KL at natural scales); sets the stage 2
     defaults below that are None (see the docstring)"""
@@ -232,8 +238,8 @@ class Args:
     extends a run to N updates by lengthening its RL stage (rl_steps becomes N - cold_steps); the cold start keeps its
     length, so a run stopped in stage 1 still switches to stage 2 at update cold_steps"""
     lr_generator_rl: Optional[float] = None
-    """stage 2 generator learning rate (paper recipe: toy2d 2e-5, text-to-image 3e-6, the authors'; natural recipe:
-    toy2d 3e-4, text-to-image 3e-6)"""
+    """stage 2 generator learning rate (default: the --stage2-recipe preset's; paper: 3e-6 on text-to-image, the
+    authors', 2e-5 on toy2d; natural: 3e-6 on text-to-image, 3e-4 on toy2d)"""
     weight_decay_generator_rl: Optional[float] = None
     """stage 2 AdamW weight decay of the generator adapter (toy2d: 0; text-to-image: 1e-4, the authors')"""
     beta: float = 1.0
@@ -243,27 +249,28 @@ class Args:
     group_size: Optional[int] = None
     """trajectories per group N (toy2d: 16; authors: SD3-M 16, SD3.5-M 24)"""
     subset_size: Optional[int] = None
-    """SubGRPO: M stochastic steps per group with independent noise, 1 <= M <= K - 1 (default min(2, K - 1): 2 at the
-    default K = 4, the paper's; 1 at K = 2)"""
+    """SubGRPO: M stochastic steps per group with independent noise, 1 <= M <= K - 1 (default: min(2, K - 1), derived
+    from K, not a preset: 2 at the default K = 4, the paper's; 1 at K = 2)"""
     naive_grpo: bool = False
     """naive GRPO: independent noise at every step, all K - 1 steps in the estimator (appendix H)"""
     reward_backprop: bool = True
     """L_det (eq. 15): back-propagate the reward through the deterministic last step (--no-reward-backprop: off)"""
     det_weight: Optional[float] = None
-    """L_det = det_weight relu(det_margin - r) (paper recipe: text-to-image 1e-4, the authors', toy2d 0.1; natural: 1)"""
+    """L_det = det_weight relu(det_margin - r) (default: the --stage2-recipe preset's; paper: 1e-4 on text-to-image,
+    the authors', 0.1 on toy2d; natural: 1)"""
     det_margin: Optional[float] = None
-    """see det_weight (paper recipe: 3, the authors', on the summed rewards); inf: no hinge, L_det = det_weight r (the
-    natural recipe)"""
+    """see det_weight; inf: no hinge, L_det = det_weight r (default: the --stage2-recipe preset's; paper: 3, the
+    authors', on the summed rewards; natural: inf)"""
     advantage: Optional[Literal["global-std", "group-std", "center"]] = None
     """group advantage: global-std (the authors': per reward term (r - group mean) / (std over the batch + 1e-4),
     weighted sum, standardised again), group-std ((r - mean) / group std, the paper's text) or center (leave-one-out
-    r_i - mean of the others: unbiased) (paper recipe: global-std; natural: center)"""
+    r_i - mean of the others: unbiased) (default: the --stage2-recipe preset's; paper: global-std; natural: center)"""
     advantage_clip: float = 5.0
     """clip advantages to +-this (authors: 5; 0: off)"""
     log_prob: Optional[Literal["mse", "exact"]] = None
     """log-probability of a transition in L_stoc: mse (the authors' -mean_dims (x - mu)^2, no 1 / (2 std^2): it scales
-    the policy gradient by 2 std^2 / D) or exact (log N(x; mu, std^2 I) over the dims, eq. 13) (paper recipe: mse;
-    natural: exact)"""
+    the policy gradient by 2 std^2 / D) or exact (log N(x; mu, std^2 I) over the dims, eq. 13) (default: the
+    --stage2-recipe preset's; paper: mse; natural: exact)"""
     clip_range: float = 1e-5
     """PPO ratio clip epsilon (paper: 1e-5); inactive with --ppo-epochs 1 (the ratio is 1)"""
     ppo_epochs: int = 1
@@ -271,27 +278,27 @@ class Args:
     rl_dm: Optional[Literal["final-step", "all-steps", "random-stop"]] = None
     """stage 2 DM term: final-step (AC-DMD on the rollout's deterministic last step, gradient through that step only,
     fake trained on the rollout's samples: the authors'), all-steps (fresh final samples differentiated through all K
-    steps: the output's KL gradient) or random-stop (stage 1's AC-DMD) (paper recipe: final-step; natural: all-steps)"""
+    steps: the output's KL gradient) or random-stop (stage 1's AC-DMD) (default: the --stage2-recipe preset's; paper:
+    final-step; natural: all-steps)"""
     dm_weight_rl: Optional[float] = None
-    """weight of the DM term in stage 2 (eq. 18: 1; paper recipe: text-to-image 0.001, the authors', toy2d 1; natural: 1)"""
+    """weight of the DM term in stage 2 (eq. 18: 1) (default: the --stage2-recipe preset's; paper: 0.001 on
+    text-to-image, the authors', 1 on toy2d; natural: 1)"""
     dm_target: Literal["teacher", "tilted"] = "teacher"
     """real score of the DM term: teacher, or tilted (toy, linear or quadratic reward: the exact p~'s noisy marginals;
     stage 2 is then DM only)"""
     rl_renoise_max: Optional[float] = None
-    """stage 2 (final-step, all-steps): top of the renoise interval (paper recipe: 1, the authors', then clamped to
-    renoise_max; natural: 0.5)"""
+    """stage 2 (final-step, all-steps): top of the renoise interval, then clamped to renoise_max (default: the
+    --stage2-recipe preset's; paper: 1, the authors'; natural: 0.5)"""
     fake_updates_per_rl_step: Optional[int] = None
-    """stage 2 fake-score updates per generator update (paper recipe: 1, the authors'; natural: toy2d 5,
-    text-to-image 1)"""
+    """stage 2 fake-score updates per generator update (default: the --stage2-recipe preset's; paper: 1, the authors';
+    natural: 1 on text-to-image, 5 on toy2d)"""
     ema_decay_rl: Optional[float] = None
-    """stage 2 EMA: the top of the ramp min((1 + u) / (10 + u), ema_decay_rl) (toy2d and text-to-image: 0.9, the
-    authors'); 0: no EMA"""
+    """stage 2 EMA: the top of the ramp min((1 + u) / (10 + u), ema_decay_rl); 0: no EMA (toy2d: 0.9; text-to-image:
+    0.9, the authors')"""
     ema_every_rl: int = 8
     """stage 2 EMA fires after update u when (u + 1) % ema_every_rl == 0 (authors: 8)"""
     ema_repeats_rl: int = 16
     """stage 2 EMA updates per firing, all toward the same weights (the authors call it once per sub-batch: 16)"""
-    grad_clip: float = 1.0
-    """gradient-norm clipping of both adapters (0: off; authors: 1.0)"""
     # ---- run ----
     seed: int = 0
     """random seed (adapter init, noise, levels)"""
@@ -311,8 +318,8 @@ class Args:
     """show a tqdm progress bar"""
     resume: Optional[str] = None
     """continue the run in this directory from its last complete checkpoint, with its own config (and --num-steps, if
-    given, to extend its RL stage): adapters, optimisers, both EMAs, step, stage and RNG states are restored, so the
-    result is the uninterrupted run's"""
+    given, to extend its RL stage): adapters, optimisers, the generator EMA, step (and so the stage) and RNG states
+    are restored, so the result is the uninterrupted run's"""
 
 
 # Every None field gets its value here: the model's (MODEL_DEFAULTS, resolve_defaults), then the stage 2 recipe's per
@@ -1468,11 +1475,55 @@ def main(args, world=None):
     return {"run_dir": run_dir, "history": history, "final": final, "world": world, "ema": ema}
 
 
+# Copied from dmd.py: sectioned_args
+def sectioned_args(args_class):
+    """args_class as --help shows it: one group of options per `# ---- title ----` section of its body, each field's
+    docstring as its help, flags unprefixed (--num-steps, not --student-and-training.num-steps). A None default that
+    a preset fills is shown as the preset's (the help names each preset's value)."""
+    source = textwrap.dedent(inspect.getsource(args_class))
+    lines, body = source.splitlines(), ast.parse(source).body[0].body
+    hints = typing.get_type_hints(args_class, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(args_class)}
+    groups, title, seen = {}, "options", 0
+    for i, node in enumerate(body):
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        for line in lines[seen : node.lineno - 1]:  # a section comment since the previous field
+            if line.strip().startswith("# ----"):
+                title = line.strip().strip("#- ").strip()
+        seen = node.end_lineno
+        after = body[i + 1] if i + 1 < len(body) else None
+        doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""
+        f = fields[node.target.id]
+        hint = None  # tyro's "(default: X)"; None defaults that a preset fills say so; a help naming its default, nothing
+        if f.default is None and ("toy2d:" in doc or "preset" in doc or doc.startswith("text-to-image")):
+            hint = "" if "default" in doc else "(default: the preset's)"
+        annotated = Annotated[hints[f.name], tyro.conf.arg(help=" ".join(doc.split()), help_behavior_hint=hint)]
+        spec = (dataclasses.field(default=f.default) if f.default_factory is dataclasses.MISSING
+                else dataclasses.field(default_factory=f.default_factory))
+        groups.setdefault(title, []).append((f.name, annotated, spec))
+    outer = []
+    for title, group in groups.items():
+        name = "_".join(title.replace(":", " ").replace(",", " ").split())
+        section = dataclasses.make_dataclass(name, group)
+        section.__doc__ = ""
+        outer.append((name, Annotated[section, tyro.conf.OmitArgPrefixes], dataclasses.field(default_factory=section)))
+    return dataclasses.make_dataclass(args_class.__name__, outer)
+
+
+# Copied from dmd.py: parse_args
+def parse_args(args_class, argv=None):
+    """args_class from the command line (argv: sys.argv[1:]), parsed as its sectioned_args, flattened back."""
+    description = sys.modules[args_class.__module__].__doc__.split("\n")[0]
+    parsed = tyro.cli(sectioned_args(args_class), args=argv, description=description)
+    return args_class(**{k: v for group in dataclasses.fields(parsed) for k, v in vars(getattr(parsed, group.name)).items()})
+
+
 # Copied from dmd.py: cli
 def cli(main, args_class):
     """The command line: a validation error (bad input, caught before any work) prints `error: <message>` on one line
-    and exits 2; any other failure keeps its traceback."""
-    args = tyro.cli(args_class)
+    and exits 2; any other failure keeps its traceback. --help lists the options by section (sectioned_args)."""
+    args = parse_args(args_class)
     method = Path(sys.argv[0]).stem
     try:
         checked = dataclasses.replace(args)  # resolve_defaults fills in place: check a copy, run the original

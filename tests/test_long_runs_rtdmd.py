@@ -224,3 +224,21 @@ def test_two_student_steps_alone_and_eta_0_without_stage_2_are_accepted(tmp_path
         ran = []
         rtdmd.cli(lambda args: ran.append(rtdmd.resolve_stage2(rtdmd.resolve_defaults(args))), rtdmd.Args)
         assert len(ran) == 1 and check(ran[0]), flags
+
+
+def test_help_groups_the_options_by_the_sections_of_args():
+    """--help (dmd.py's sectioned_args, a marked copy) shows rtdmd's options in one group per section comment of Args,
+    in order, every field once; parsing through the groups gives the flat Args back (choices and bools included)."""
+    import dataclasses
+
+    groups = dataclasses.fields(rtdmd.sectioned_args(rtdmd.Args))
+    assert [g.name for g in groups] == ["world", "student_sampler_and_training", "stage_1_AC_DMD_cold_start",
+                                        "stage_2_the_reward_tilted_KL", "run"]
+    assert [f.name for g in groups for f in dataclasses.fields(g.type.__origin__)] == [
+        f.name for f in dataclasses.fields(rtdmd.Args)]
+    argv = ["--stage2-recipe", "natural", "--rl-dm", "random-stop", "--no-reward-backprop", "--toy-reward-target", "1",
+            "-2", "--micro-batch-size", "4", "--resume", "runs/x", "--num-steps", "9"]
+    assert rtdmd.parse_args(rtdmd.Args, argv) == rtdmd.Args(
+        stage2_recipe="natural", rl_dm="random-stop", reward_backprop=False, toy_reward_target=(1.0, -2.0),
+        micro_batch_size=4, resume="runs/x", num_steps=9)
+    assert rtdmd.parse_args(rtdmd.Args, []) == rtdmd.Args()

@@ -151,9 +151,6 @@ class LastStepWorld(GaussianFakeWorld):
     def reward(self, x0, cond):
         return self.reward_fn(x0)
 
-    def reward_terms(self, x0, cond):
-        return {self.reward_fn.name: (1.0, self.reward(x0, cond))}
-
 
 def renoise_law_quadrature(args, k=48):
     """Nodes and weights of sigma_t ~ U[0.01, 1] clamped to [0.02, 0.98]: atoms at the clamps, Gauss-Legendre inside."""
