@@ -78,6 +78,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import shutil
 import sys
@@ -663,6 +664,16 @@ def rng_state():
             "python": random.getstate()}
 
 
+def gathered_rng_states():
+    """[rank 0's rng_state(), rank 1's, ...] on every rank (a collective under torchrun: every rank calls it). Each rank
+    draws its own noise, so a checkpoint keeps every rank's stream, not rank 0's alone."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [rng_state()]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
@@ -731,8 +742,8 @@ def resume_args(args, method):
 
 
 def load_training_state(world, ckpt, optimizers, schedulers):
-    """Restore adapters, optimiser and scheduler states and RNG states from a checkpoint; returns the training state
-    (its "step", "ema" and the method's own counters)."""
+    """Restore adapters, optimiser and scheduler states and this rank's RNG states from a checkpoint; returns the
+    training state (its "step", "ema" and the method's own counters)."""
     state = torch.load(ckpt / "training_state.pt", map_location=world.device, weights_only=False)  # our own file
     for role in world.adapter_roles:
         world.load(role, ckpt / "raw" if role == "generator" and state["ema"] is not None else ckpt)
@@ -740,7 +751,13 @@ def load_training_state(world, ckpt, optimizers, schedulers):
         opt.load_state_dict(state["optimizers"][name])
     for name, sched in schedulers.items():
         sched.load_state_dict(state["schedulers"][name])
-    set_rng_state(state["rng"])
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    if len(state["rng"]) != world_size:
+        raise ValueError(f"{ckpt} was saved by {len(state['rng'])} process(es), and this run has {world_size}: resume "
+                         f"it with as many (torchrun --nproc-per-node {len(state['rng'])}), so every rank's noise "
+                         f"continues")
+    set_rng_state(state["rng"][rank])
     return state
 
 
@@ -848,18 +865,20 @@ def main(args, world=None):
         log.write(json.dumps(entry) + "\n")
         log.flush()
 
-    def training_state(step):
+    def training_state(step, rng_states):
         return {"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "schedulers": {k: sc.state_dict() for k, sc in schedulers.items()}, "rng": rng_state()}
+                "schedulers": {k: sc.state_dict() for k, sc in schedulers.items()}, "rng": rng_states}
 
     def evaluation(step):
         with swapped_params(world.params("generator"), ema) if ema is not None else contextlib.nullcontext():
             return evaluate(world, sigmas, args.eval_samples, args.seed + 1)
 
-    if lead and ckpt is None:
-        _, _, metrics = evaluation(0)
-        record({"step": 0, **metrics})
-        save_checkpoint(world, run_dir, 0, training_state(0), ema)
+    if ckpt is None:
+        rng_states = gathered_rng_states()  # every rank's (a collective)
+        if lead:
+            _, _, metrics = evaluation(0)
+            record({"step": 0, **metrics})
+            save_checkpoint(world, run_dir, 0, training_state(0, rng_states), ema)
     start, shown = time.time(), {}
     bar = tqdm(range(first_step, args.num_steps + 1), desc="dmd", disable=not (args.progress and lead), dynamic_ncols=True,
                initial=first_step - 1, total=args.num_steps)
@@ -879,13 +898,16 @@ def main(args, world=None):
         if step % args.log_every == 0:
             record({"step": step, "time": time.time() - start, "lr": lr, **losses})
             bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", fake=f"{losses['fake_loss']:.3f}", **shown)
-        if lead and (step % args.eval_every == 0 or step == args.num_steps):
-            samples, cond, metrics = evaluation(step)
-            record({"step": step, "time": time.time() - start, **metrics})
-            shown = ({"ed": f"{metrics['energy_distance']:.4f}", "modes": f"{metrics['modes_covered']}/{metrics['n_modes']}"}
-                     if "energy_distance" in metrics else {"reward": f"{metrics['mean_reward']:.4f}"})
-            bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", **shown)
-            save_checkpoint(world, run_dir, step, training_state(step), ema)
+        if step % args.eval_every == 0 or step == args.num_steps:
+            rng_states = gathered_rng_states()  # every rank's (a collective); evaluation draws from its own generator
+            if lead:
+                samples, cond, metrics = evaluation(step)
+                record({"step": step, "time": time.time() - start, **metrics})
+                shown = ({"ed": f"{metrics['energy_distance']:.4f}",
+                          "modes": f"{metrics['modes_covered']}/{metrics['n_modes']}"}
+                         if "energy_distance" in metrics else {"reward": f"{metrics['mean_reward']:.4f}"})
+                bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", **shown)
+                save_checkpoint(world, run_dir, step, training_state(step, rng_states), ema)
     log.close()
     if not lead:  # data parallel: the other ranks stop here; rank 0 writes the figures
         return {"run_dir": None, "history": history, "final": history[-1] if history else {}, "world": world}
@@ -929,7 +951,7 @@ def sectioned_args(args_class):
         groups.setdefault(title, []).append((f.name, annotated, spec))
     outer = []
     for title, group in groups.items():
-        name = "_".join(title.replace(":", " ").replace(",", " ").split())
+        name = re.sub(r"[^0-9A-Za-z]+", "_", title).strip("_")  # an identifier; tyro shows it with "-" for "_"
         section = dataclasses.make_dataclass(name, group)
         section.__doc__ = ""
         outer.append((name, Annotated[section, tyro.conf.OmitArgPrefixes], dataclasses.field(default_factory=section)))

@@ -123,6 +123,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import shutil
 import sys
@@ -863,6 +864,17 @@ def rng_state():
             "python": random.getstate()}
 
 
+# Copied from dmd.py: gathered_rng_states
+def gathered_rng_states():
+    """[rank 0's rng_state(), rank 1's, ...] on every rank (a collective under torchrun: every rank calls it). Each rank
+    draws its own noise, so a checkpoint keeps every rank's stream, not rank 0's alone."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [rng_state()]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
 # Copied from dmd.py: set_rng_state
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
@@ -936,8 +948,8 @@ def resume_args(args, method):
 
 # Copied from dmd.py: load_training_state
 def load_training_state(world, ckpt, optimizers, schedulers):
-    """Restore adapters, optimiser and scheduler states and RNG states from a checkpoint; returns the training state
-    (its "step", "ema" and the method's own counters)."""
+    """Restore adapters, optimiser and scheduler states and this rank's RNG states from a checkpoint; returns the
+    training state (its "step", "ema" and the method's own counters)."""
     state = torch.load(ckpt / "training_state.pt", map_location=world.device, weights_only=False)  # our own file
     for role in world.adapter_roles:
         world.load(role, ckpt / "raw" if role == "generator" and state["ema"] is not None else ckpt)
@@ -945,7 +957,13 @@ def load_training_state(world, ckpt, optimizers, schedulers):
         opt.load_state_dict(state["optimizers"][name])
     for name, sched in schedulers.items():
         sched.load_state_dict(state["schedulers"][name])
-    set_rng_state(state["rng"])
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    if len(state["rng"]) != world_size:
+        raise ValueError(f"{ckpt} was saved by {len(state['rng'])} process(es), and this run has {world_size}: resume "
+                         f"it with as many (torchrun --nproc-per-node {len(state['rng'])}), so every rank's noise "
+                         f"continues")
+    set_rng_state(state["rng"][rank])
     return state
 
 
@@ -1059,18 +1077,20 @@ def main(args, world=None):
         log.write(json.dumps(entry) + "\n")
         log.flush()
 
-    def training_state(step):
+    def training_state(step, rng_states):
         return {"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "schedulers": {},
-                "rng": rng_state(), "snapshots": snapshots.states}
+                "rng": rng_states, "snapshots": snapshots.states}
 
     def evaluation():
         with swapped_params(world.params("generator"), ema) if ema is not None else contextlib.nullcontext():
             return evaluate(world, sigmas, args.eval_samples, args.seed + 1)
 
-    if lead and ckpt is None:
-        _, _, metrics = evaluation()
-        record({"step": 0, **metrics})
-        save_checkpoint(world, run_dir, 0, training_state(0), ema)
+    if ckpt is None:
+        rng_states = gathered_rng_states()  # every rank's (a collective)
+        if lead:
+            _, _, metrics = evaluation()
+            record({"step": 0, **metrics})
+            save_checkpoint(world, run_dir, 0, training_state(0, rng_states), ema)
     start, shown, samples = time.time(), {}, None
     bar = tqdm(range(first_step, args.num_steps + 1), desc="gdmd", disable=not (args.progress and lead),
                dynamic_ncols=True, initial=first_step - 1, total=args.num_steps)
@@ -1094,13 +1114,15 @@ def main(args, world=None):
             record({"step": step, "time": time.time() - start, "gdmd": int(gdmd_on), "stage": 2 if gdmd_on else 1,
                     "lr": opt_generator.param_groups[0]["lr"], **losses})
             bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", fake=f"{losses['fake_loss']:.3f}", **shown)
-        if lead and (step % args.eval_every == 0 or step == args.num_steps):
-            samples, cond, metrics = evaluation()
-            record({"step": step, "time": time.time() - start, **metrics})
-            shown = {"reward": f"{metrics['mean_reward']:.3f}",
-                     **({"ed": f"{metrics['energy_distance']:.4f}"} if "energy_distance" in metrics else {})}
-            bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", **shown)
-            save_checkpoint(world, run_dir, step, training_state(step), ema)
+        if step % args.eval_every == 0 or step == args.num_steps:
+            rng_states = gathered_rng_states()  # every rank's (a collective); evaluation draws from its own generator
+            if lead:
+                samples, cond, metrics = evaluation()
+                record({"step": step, "time": time.time() - start, **metrics})
+                shown = {"reward": f"{metrics['mean_reward']:.3f}",
+                         **({"ed": f"{metrics['energy_distance']:.4f}"} if "energy_distance" in metrics else {})}
+                bar.set_postfix(dmd=f"{losses['dmd_loss']:.2e}", **shown)
+                save_checkpoint(world, run_dir, step, training_state(step, rng_states), ema)
     log.close()
     if not lead:  # data parallel: the other ranks stop here; rank 0 writes the figures
         return {"run_dir": None, "history": history, "final": history[-1] if history else {}, "world": world}
@@ -1147,7 +1169,7 @@ def sectioned_args(args_class):
         groups.setdefault(title, []).append((f.name, annotated, spec))
     outer = []
     for title, group in groups.items():
-        name = "_".join(title.replace(":", " ").replace(",", " ").split())
+        name = re.sub(r"[^0-9A-Za-z]+", "_", title).strip("_")  # an identifier; tyro shows it with "-" for "_"
         section = dataclasses.make_dataclass(name, group)
         section.__doc__ = ""
         outer.append((name, Annotated[section, tyro.conf.OmitArgPrefixes], dataclasses.field(default_factory=section)))

@@ -107,6 +107,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import shutil
 import sys
@@ -1210,6 +1211,17 @@ def rng_state():
             "python": random.getstate()}
 
 
+# Copied from dmd.py: gathered_rng_states
+def gathered_rng_states():
+    """[rank 0's rng_state(), rank 1's, ...] on every rank (a collective under torchrun: every rank calls it). Each rank
+    draws its own noise, so a checkpoint keeps every rank's stream, not rank 0's alone."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [rng_state()]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
 # Copied from dmd.py: set_rng_state
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
@@ -1300,8 +1312,8 @@ def resume_args(args, method):
 
 # Copied from dmd.py: load_training_state
 def load_training_state(world, ckpt, optimizers, schedulers):
-    """Restore adapters, optimiser and scheduler states and RNG states from a checkpoint; returns the training state
-    (its "step", "ema" and the method's own counters)."""
+    """Restore adapters, optimiser and scheduler states and this rank's RNG states from a checkpoint; returns the
+    training state (its "step", "ema" and the method's own counters)."""
     state = torch.load(ckpt / "training_state.pt", map_location=world.device, weights_only=False)  # our own file
     for role in world.adapter_roles:
         world.load(role, ckpt / "raw" if role == "generator" and state["ema"] is not None else ckpt)
@@ -1309,7 +1321,13 @@ def load_training_state(world, ckpt, optimizers, schedulers):
         opt.load_state_dict(state["optimizers"][name])
     for name, sched in schedulers.items():
         sched.load_state_dict(state["schedulers"][name])
-    set_rng_state(state["rng"])
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    if len(state["rng"]) != world_size:
+        raise ValueError(f"{ckpt} was saved by {len(state['rng'])} process(es), and this run has {world_size}: resume "
+                         f"it with as many (torchrun --nproc-per-node {len(state['rng'])}), so every rank's noise "
+                         f"continues")
+    set_rng_state(state["rng"][rank])
     return state
 
 
@@ -1403,18 +1421,20 @@ def main(args, world=None):
         log.write(json.dumps(entry) + "\n")
         log.flush()
 
-    def training_state(step):
-        return {"step": step, "stage": 1 if step <= args.cold_steps else 2, "schedulers": {}, "rng": rng_state(),
+    def training_state(step, rng_states):
+        return {"step": step, "stage": 1 if step <= args.cold_steps else 2, "schedulers": {}, "rng": rng_states,
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}
 
     def evaluation():
         with ema_weights(world, ema):
             return evaluate(world, schedule, args.eta, args.eval_samples, args.seed + 1, beta)
 
-    if lead and ckpt is None:
-        _, _, metrics = evaluation()
-        record({"step": 0, "stage": 1, **metrics})
-        save_checkpoint(world, run_dir, 0, training_state(0), ema)
+    if ckpt is None:
+        rng_states = gathered_rng_states()  # every rank's (a collective)
+        if lead:
+            _, _, metrics = evaluation()
+            record({"step": 0, "stage": 1, **metrics})
+            save_checkpoint(world, run_dir, 0, training_state(0, rng_states), ema)
     start, shown, samples = time.time(), {}, None
     stage_names = {1: "rtdmd stage 1 (AC-DMD)", 2: f"rtdmd stage 2 ({args.stage2_recipe})"}
     bar = tqdm(range(first_step, total + 1), desc=stage_names[1 if first_step <= args.cold_steps else 2],
@@ -1447,15 +1467,17 @@ def main(args, world=None):
                     **losses})
             bar.set_postfix(dm=f"{losses['dm_loss']:.2e}",
                             **({"reward": f"{losses['reward']:.3f}"} if "reward" in losses else {}), **shown)
-        if lead and (step % args.eval_every == 0 or step == args.cold_steps or step == total):
-            samples, cond, metrics = evaluation()
-            record({"step": step, "stage": stage, "time": time.time() - start, **metrics})
-            shown = {"eval_reward": f"{metrics['mean_reward']:.3f}",
-                     **({"ed": f"{metrics['energy_distance']:.4f}"} if "energy_distance" in metrics else {}),
-                     **({"ed_tilted": f"{metrics['energy_distance_tilted']:.4f}"}
-                        if "energy_distance_tilted" in metrics else {})}
-            bar.set_postfix(dm=f"{losses['dm_loss']:.2e}", **shown)
-            save_checkpoint(world, run_dir, step, training_state(step), ema)
+        if step % args.eval_every == 0 or step == args.cold_steps or step == total:
+            rng_states = gathered_rng_states()  # every rank's (a collective); evaluation draws from its own generator
+            if lead:
+                samples, cond, metrics = evaluation()
+                record({"step": step, "stage": stage, "time": time.time() - start, **metrics})
+                shown = {"eval_reward": f"{metrics['mean_reward']:.3f}",
+                         **({"ed": f"{metrics['energy_distance']:.4f}"} if "energy_distance" in metrics else {}),
+                         **({"ed_tilted": f"{metrics['energy_distance_tilted']:.4f}"}
+                            if "energy_distance_tilted" in metrics else {})}
+                bar.set_postfix(dm=f"{losses['dm_loss']:.2e}", **shown)
+                save_checkpoint(world, run_dir, step, training_state(step, rng_states), ema)
             if step == args.cold_steps:
                 world.plot_samples(samples, run_dir / "samples_cold_start.png",
                                    f"rtdmd after stage 1 (AC-DMD), step {args.cold_steps}", beta=beta)
@@ -1504,7 +1526,7 @@ def sectioned_args(args_class):
         groups.setdefault(title, []).append((f.name, annotated, spec))
     outer = []
     for title, group in groups.items():
-        name = "_".join(title.replace(":", " ").replace(",", " ").split())
+        name = re.sub(r"[^0-9A-Za-z]+", "_", title).strip("_")  # an identifier; tyro shows it with "-" for "_"
         section = dataclasses.make_dataclass(name, group)
         section.__doc__ = ""
         outer.append((name, Annotated[section, tyro.conf.OmitArgPrefixes], dataclasses.field(default_factory=section)))
