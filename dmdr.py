@@ -8,11 +8,17 @@
     python dmdr.py --model sd3-medium                # SD3-Medium, the authors' recipe (GPU; CLIP + HPSv2.1: pip install hpsv2)
     python dmdr.py --model sd3-medium --t2i-reward clip:0.3:0.7 --model-path DIR  # without hpsv2, local weights
     torchrun --nproc_per_node 8 dmdr.py --model sd3-medium  # data parallel (--batch-size is per GPU, 8 in the paper)
+    python dmdr.py --model sd3-medium --micro-batch-size 2  # the same updates in chunks of 2 (gradients accumulated)
+    python dmdr.py --resume runs/dmdr__toy2d__0__<time>     # continue a stopped run exactly, in its own directory
+    python dmdr.py --resume runs/dmdr__toy2d__0__<time> --stage2-steps 600   # ... with a longer stage 2
     python dmdr.py --help                            # every option, with its default
 
-A run writes runs/dmdr__<model>__<seed>__<time>/: config.json, metrics.jsonl (losses, rewards, evaluation metrics),
-checkpoint/ (the latest good generator and fake adapters), samples_stage1.png and samples_stage2.png (student samples
-after each stage over the teacher's contours), curves.png (losses, reward, teacher log-density, energy distance).
+A run writes runs/dmdr__<model>__<seed>__<time>/: config.json (the options, git commit, package versions, device),
+metrics.jsonl (losses, lr, gradient norm, DynaDG scale, rewards, evaluation metrics), checkpoint/ (the latest good
+generator and fake adapters, and the training state --resume continues from: optimisers, step, DPO's reference, RNG
+states; with --ema-decay, generator/ is the EMA and raw/generator/ the trained weights), samples_stage1.png and
+samples_stage2.png (student samples after each stage over the teacher's contours), curves.png (losses, reward, teacher
+log-density, energy distance).
 
 The algorithm (paper v2 section numbers and equations; the authors' values: notes/recipes.md sections 1-2):
     DMD2 backbone (sec. 2.1, eq. 1): a K-step student G = teacher + generator adapter; a fake score (teacher + fake
@@ -106,8 +112,8 @@ energy-distance floor 0.0013; tests/test_dmdr_claims.py and tests/test_dmdr_clai
         diverges (seed 0 after update 600, seed 2 before it; seed 1 intact at 600): the generator never trains on its
         own Euler states (only on re-noised final samples), and at K = 2 its second step sees 0.5 G(z) + 0.5 z, far from
         the 0.5 x + 0.5 eps it trains on.
-The toy's default sampler is sde: at its default K = 1 the two are the same algorithm, and eval.py samples dmdr runs
-with DMD2's sampler. With --student-steps 4 pass --sampler ode (the measurements above).
+The toy's default sampler is sde: at its default K = 1 the two are the same algorithm. With --student-steps 4 pass
+--sampler ode (the measurements above); eval.py samples a dmdr run with its own sampler.
 
 Conventions: sigma in [0, 1], sigma = 1 is pure noise. Flow worlds (toy flow, SD3): x = (1 - sigma) x0 + sigma eps.
 VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1] maps to sigma = world.sigma(t)
