@@ -1,7 +1,7 @@
 """bench.py: the side-by-side benchmark on the toy: every method and the ablations that carry the papers' claims,
 the same budget, 3 seeds, one table (mean ± std over seeds) and one figure.
 
-    python bench.py                                  # 11 configurations x 3 seeds, ~15-20 min on 2 idle CPU cores
+    python bench.py                                  # 13 configurations x 3 seeds, ~20-25 min on 2 idle CPU cores
     python bench.py --steps 1200 --seeds 0 1 2 3 4   # a larger budget
     python bench.py --only dmd rtdmd --seeds 0       # a subset
     python bench.py --report runs/bench__<time>      # re-render an earlier benchmark's table and figures
@@ -71,7 +71,7 @@ class Args:
     seeds: tuple[int, ...] = (0, 1, 2)
     """training seeds of every configuration"""
     only: tuple[BenchConfig, ...] = ()
-    """run only these configurations (default: all nine)"""
+    """run only these configurations (default: every one, listed at the top of this file)"""
     workers: int = 2
     """parallel training processes (one torch thread each)"""
     eval_samples: int = 4000

@@ -1,6 +1,8 @@
 """dmd.py end to end: the distillation actually distils, bad input fails before any work, failures lose nothing."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 import dmd
+import gdmd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,3 +112,38 @@ def test_cli(tmp_path):
                     "--eval-samples", "100", "--output-dir", str(tmp_path), "--run-name", "cli", "--no-progress"],
                    cwd=REPO, check=True, capture_output=True)
     assert (tmp_path / "cli" / "samples.png").exists()
+
+
+@pytest.mark.parametrize("module", [dmd, gdmd], ids=lambda m: m.__name__)
+def test_help_groups_the_options_by_the_sections_of_args(module):
+    """--help shows one group per `# ---- title ----` comment of Args, in order, every field in the group of the
+    section it is written under, with its docstring; parsing through the groups gives the flat Args back."""
+    import dataclasses
+    import inspect
+    import textwrap
+
+    source = textwrap.dedent(inspect.getsource(module.Args))
+    expected, title = [], None
+    for line in source.splitlines():  # an independent reading of the source: section comments and annotated fields
+        stripped = line.strip()
+        if stripped.startswith("# ----"):
+            title = stripped.strip("#- ").strip()
+            expected.append((title, []))
+        elif re.match(r"    [a-z][a-z_0-9]*: [A-Za-z].* = ", line):  # `    name: Type = default`
+            expected[-1][1].append(stripped.split(":")[0])
+    groups = dataclasses.fields(module.sectioned_args(module.Args))
+    got = [(g.type.__origin__.__name__, [f.name for f in dataclasses.fields(g.type.__origin__)]) for g in groups]
+    assert [("_".join(t.replace(":", " ").replace(",", " ").split()), n) for t, n in expected] == got
+    assert [n for _, names in got for n in names] == [f.name for f in dataclasses.fields(module.Args)]
+    argv = ["--num-steps", "7", "--toy-reward-target", "1", "-2", "--no-gradient-checkpointing", "--toy-path", "vp",
+            "--micro-batch-size", "4"]
+    assert module.parse_args(module.Args, argv) == module.Args(num_steps=7, toy_reward_target=(1.0, -2.0),
+                                                              gradient_checkpointing=False, toy_path="vp",
+                                                              micro_batch_size=4)
+    assert module.parse_args(module.Args, []) == module.Args()
+    help_text = subprocess.run([sys.executable, f"{module.__name__}.py", "--help"], cwd=REPO, capture_output=True,
+                               text=True, check=True, env={**os.environ, "COLUMNS": "100"}).stdout  # one column of groups
+    positions = [help_text.index(f"─ {t.replace('_', '-')} options") for t, _ in got]
+    assert positions == sorted(positions)
+    run_at = positions[[t for t, _ in got].index("run")]
+    assert positions[0] < help_text.index("--num-steps ") < run_at < help_text.index("--seed ")
