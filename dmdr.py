@@ -121,8 +121,10 @@ VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1]
 x0-predictions, world.renoise and world.reward, so it is identical on every world.
 """
 
+import ast
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -130,10 +132,12 @@ import random
 import secrets
 import shutil
 import sys
+import textwrap
 import time
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -246,7 +250,7 @@ class Args:
     gradient_checkpointing: bool = True
     """text-to-image: recompute the network's blocks (and the reward decode) in backward, to save memory;
     --no-gradient-checkpointing keeps the activations (~17% less time per step, measured on CPU)"""
-    # ---- stage 1: RT-DM, DynaDG, DynaRS ----
+    # ---- stage 1: reward tilt, DynaDG, DynaRS ----
     rt_dm: bool = True
     """stage 1: reward-tilted DM (eq. 4), DMD gradient weighted by exp(beta r / ||r||) (--no-rt-dm: plain DMD)"""
     rt_dm_beta: float = 1.0
@@ -268,7 +272,7 @@ class Args:
     """DynaRS Beta parameter a at step 0 (DMDR: 4)"""
     dyna_rs_b: float = 1.5
     """DynaRS Beta parameter b at step 0 (DMDR: 1.5)"""
-    # ---- stage 2: joint DMD + RL ----
+    # ---- stage 2: joint DMD and RL ----
     rl: Literal["refl", "dpo", "grpo", "none"] = "refl"
     """stage-2 RL loss: refl, dpo, grpo (group-normalised REINFORCE), none"""
     lambda_rl: Optional[float] = None
@@ -1466,11 +1470,55 @@ def main(args, world=None):
     return {"run_dir": run_dir, "history": history, "final": final, "world": world}
 
 
+# Copied from dmd.py: sectioned_args
+def sectioned_args(args_class):
+    """args_class as --help shows it: one group of options per `# ---- title ----` section of its body, each field's
+    docstring as its help, flags unprefixed (--num-steps, not --student-and-training.num-steps). A None default that
+    a preset fills is shown as the preset's (the help names each preset's value)."""
+    source = textwrap.dedent(inspect.getsource(args_class))
+    lines, body = source.splitlines(), ast.parse(source).body[0].body
+    hints = typing.get_type_hints(args_class, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(args_class)}
+    groups, title, seen = {}, "options", 0
+    for i, node in enumerate(body):
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        for line in lines[seen : node.lineno - 1]:  # a section comment since the previous field
+            if line.strip().startswith("# ----"):
+                title = line.strip().strip("#- ").strip()
+        seen = node.end_lineno
+        after = body[i + 1] if i + 1 < len(body) else None
+        doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""
+        f = fields[node.target.id]
+        hint = None  # tyro's "(default: X)"; None defaults that a preset fills say so; a help naming its default, nothing
+        if f.default is None and ("toy2d:" in doc or "preset" in doc or doc.startswith("text-to-image")):
+            hint = "" if "default" in doc else "(default: the preset's)"
+        annotated = Annotated[hints[f.name], tyro.conf.arg(help=" ".join(doc.split()), help_behavior_hint=hint)]
+        spec = (dataclasses.field(default=f.default) if f.default_factory is dataclasses.MISSING
+                else dataclasses.field(default_factory=f.default_factory))
+        groups.setdefault(title, []).append((f.name, annotated, spec))
+    outer = []
+    for title, group in groups.items():
+        name = "_".join(title.replace(":", " ").replace(",", " ").split())
+        section = dataclasses.make_dataclass(name, group)
+        section.__doc__ = ""
+        outer.append((name, Annotated[section, tyro.conf.OmitArgPrefixes], dataclasses.field(default_factory=section)))
+    return dataclasses.make_dataclass(args_class.__name__, outer)
+
+
+# Copied from dmd.py: parse_args
+def parse_args(args_class, argv=None):
+    """args_class from the command line (argv: sys.argv[1:]), parsed as its sectioned_args, flattened back."""
+    description = sys.modules[args_class.__module__].__doc__.split("\n")[0]
+    parsed = tyro.cli(sectioned_args(args_class), args=argv, description=description)
+    return args_class(**{k: v for group in dataclasses.fields(parsed) for k, v in vars(getattr(parsed, group.name)).items()})
+
+
 # Copied from dmd.py: cli
 def cli(main, args_class):
     """The command line: a validation error (bad input, caught before any work) prints `error: <message>` on one line
-    and exits 2; any other failure keeps its traceback."""
-    args = tyro.cli(args_class)
+    and exits 2; any other failure keeps its traceback. --help lists the options by section (sectioned_args)."""
+    args = parse_args(args_class)
     method = Path(sys.argv[0]).stem
     try:
         checked = dataclasses.replace(args)  # resolve_defaults fills in place: check a copy, run the original

@@ -358,3 +358,30 @@ def test_an_unwritable_output_dir_and_an_existing_run_fail_before_the_world(tmp_
         with pytest.raises(PermissionError, match="not writable"):
             dmdr.main(dmdr.Args(output_dir=str(locked / "runs")))
     assert not built
+
+
+def test_help_groups_dmdrs_options_by_the_sections_of_args():
+    """--help (dmd.py's sectioned_args, a marked copy) shows one group per `# ---- title ----` comment of dmdr's Args,
+    in order, every field in the group it is written under; parsing through the groups gives the flat Args back."""
+    import dataclasses
+    import inspect
+    import re
+    import textwrap
+
+    source = textwrap.dedent(inspect.getsource(dmdr.Args))
+    expected = []
+    for line in source.splitlines():  # an independent reading of the source: section comments and annotated fields
+        if line.strip().startswith("# ----"):
+            expected.append((line.strip().strip("#- ").strip(), []))
+        elif re.match(r"    [a-z][a-z_0-9]*: [A-Za-z].* = ", line):
+            expected[-1][1].append(line.strip().split(":")[0])
+    groups = dataclasses.fields(dmdr.sectioned_args(dmdr.Args))
+    got = [(g.type.__origin__.__name__, [f.name for f in dataclasses.fields(g.type.__origin__)]) for g in groups]
+    assert [("_".join(t.replace(":", " ").replace(",", " ").split()), n) for t, n in expected] == got
+    assert [t for t, _ in expected] == ["world", "student and DMD", "stage 1: reward tilt, DynaDG, DynaRS",
+                                        "stage 2: joint DMD and RL", "run"]
+    argv = ["--stage2-steps", "7", "--rl", "dpo", "--no-rt-dm", "--sampler", "ode", "--toy-reward-target", "1", "-2",
+            "--resume", "runs/x", "--ema-decay", "0.5"]
+    assert dmdr.parse_args(dmdr.Args, argv) == dmdr.Args(stage2_steps=7, rl="dpo", rt_dm=False, sampler="ode",
+                                                         toy_reward_target=(1.0, -2.0), resume="runs/x", ema_decay=0.5)
+    assert dmdr.parse_args(dmdr.Args, []) == dmdr.Args()
