@@ -94,9 +94,10 @@ def method_args(config, steps, seed, beta, out_dir):
     half = steps // 2
     run = dict(seed=seed, output_dir=str(out_dir / "runs"), run_name=f"{config}__{seed}", progress=False,
                eval_every=steps, eval_samples=1000, student_steps=STUDENT_STEPS, batch_size=BATCH_SIZE)
-    # dmdr at K = 4: its toy default sampler (sde, DMD2's), the one eval.py samples dmdr runs with. The authors' ode
-    # backward simulation is 3-30x closer at K = 4 (dmdr.py's docstring); switch to sampler="ode" once eval.py samples
-    # dmdr runs with dmdr.rollout(..., sampler=args.sampler). lambda_rl: dmdr's toy default (0.3).
+    # dmdr at K = 4: its toy default sampler (sde, DMD2's); the rows of docs/benchmark.md were measured with it. The
+    # authors' ode backward simulation is 3-30x closer at K = 4 (dmdr.py's docstring), and eval.py now samples a dmdr
+    # run with its own --sampler (dmdr.rollout), so sampler="ode" here would be measured as trained; switching is a
+    # benchmark change (re-run, new table), not made yet. lambda_rl: dmdr's toy default (0.3).
     dmdr_base = dict(stage1_steps=half, stage2_steps=steps - half, dynamic_steps=max(1, half // 2))  # toy: 300 of 600
     if config == "dmd":
         return "dmd", dict(num_steps=steps, **run)

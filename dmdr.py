@@ -8,11 +8,17 @@
     python dmdr.py --model sd3-medium                # SD3-Medium, the authors' recipe (GPU; CLIP + HPSv2.1: pip install hpsv2)
     python dmdr.py --model sd3-medium --t2i-reward clip:0.3:0.7 --model-path DIR  # without hpsv2, local weights
     torchrun --nproc_per_node 8 dmdr.py --model sd3-medium  # data parallel (--batch-size is per GPU, 8 in the paper)
+    python dmdr.py --model sd3-medium --micro-batch-size 2  # the same updates in chunks of 2 (gradients accumulated)
+    python dmdr.py --resume runs/dmdr__toy2d__0__<time>     # continue a stopped run exactly, in its own directory
+    python dmdr.py --resume runs/dmdr__toy2d__0__<time> --stage2-steps 600   # ... with a longer stage 2
     python dmdr.py --help                            # every option, with its default
 
-A run writes runs/dmdr__<model>__<seed>__<time>/: config.json, metrics.jsonl (losses, rewards, evaluation metrics),
-checkpoint/ (the latest good generator and fake adapters), samples_stage1.png and samples_stage2.png (student samples
-after each stage over the teacher's contours), curves.png (losses, reward, teacher log-density, energy distance).
+A run writes runs/dmdr__<model>__<seed>__<time>/: config.json (the options, git commit, package versions, device),
+metrics.jsonl (losses, lr, gradient norm, DynaDG scale, rewards, evaluation metrics), checkpoint/ (the latest good
+generator and fake adapters, and the training state --resume continues from: optimisers, step, DPO's reference, RNG
+states; with --ema-decay, generator/ is the EMA and raw/generator/ the trained weights), samples_stage1.png and
+samples_stage2.png (student samples after each stage over the teacher's contours), curves.png (losses, reward, teacher
+log-density, energy distance).
 
 The algorithm (paper v2 section numbers and equations; the authors' values: notes/recipes.md sections 1-2):
     DMD2 backbone (sec. 2.1, eq. 1): a K-step student G = teacher + generator adapter; a fake score (teacher + fake
@@ -106,8 +112,8 @@ energy-distance floor 0.0013; tests/test_dmdr_claims.py and tests/test_dmdr_clai
         diverges (seed 0 after update 600, seed 2 before it; seed 1 intact at 600): the generator never trains on its
         own Euler states (only on re-noised final samples), and at K = 2 its second step sees 0.5 G(z) + 0.5 z, far from
         the 0.5 x + 0.5 eps it trains on.
-The toy's default sampler is sde: at its default K = 1 the two are the same algorithm, and eval.py samples dmdr runs
-with DMD2's sampler. With --student-steps 4 pass --sampler ode (the measurements above).
+The toy's default sampler is sde: at its default K = 1 the two are the same algorithm. With --student-steps 4 pass
+--sampler ode (the measurements above); eval.py samples a dmdr run with its own sampler.
 
 Conventions: sigma in [0, 1], sigma = 1 is pure noise. Flow worlds (toy flow, SD3): x = (1 - sigma) x0 + sigma eps.
 VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1] maps to sigma = world.sigma(t)
@@ -115,15 +121,23 @@ VP worlds (toy vp, SDXL): x = alpha x0 + sigma eps. A pre-shift time t in [0, 1]
 x0-predictions, world.renoise and world.reward, so it is identical on every world.
 """
 
+import ast
 import contextlib
+import dataclasses
+import inspect
 import json
 import math
 import os
+import random
+import secrets
 import shutil
+import sys
+import textwrap
 import time
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +153,7 @@ RT_DM_NORMS = ("std", "rms")
 @dataclass
 class Args:
     # ---- world ----
-    model: str = "toy2d"
+    model: Literal["toy2d", "sd3-medium", "sd3.5-medium", "sd3.5-large", "sdxl"] = "toy2d"
     """world to distil: toy2d (2-D Gaussian mixture, CPU), or text-to-image sd3-medium, sd3.5-medium, sd3.5-large, sdxl"""
     model_path: Optional[str] = None
     """local copy of the model weights (text-to-image worlds; default: the preset's hub repository)"""
@@ -153,29 +167,30 @@ class Args:
     """timestep shift of the student's levels on a flow world (default: the world's own, SD3's scheduler 3, toy 1;
     DMDR SD3.5-L: 5). DynaRS levels are not shifted (the authors' rule), so this moves the student's levels only"""
     t2i_reward: Optional[str] = None
-    """text-to-image reward, name[:weight[:cap]],...: clip, pickscore, aesthetic, hpsv2, imagereward (dmdr: optimised by RT-DM and ReFL)"""
+    """text-to-image reward, name[:weight[:cap]],...: clip, pickscore, aesthetic, hpsv2, imagereward, optimised by RT-DM
+    and ReFL (DMDR SD3-M, SD3.5-M and sdxl: clip:0.3:0.7,hpsv2:0.3:0.7, the authors' hinges; SD3.5-L: weights 0.1)"""
     hps_prefix: Optional[str] = None
     """text-to-image: text put before each prompt for the hpsv2 reward term (DMDR: "Realistic photo"; the other terms and
     the evaluation metrics get the prompt itself); applies only when hpsv2 is in --t2i-reward"""
     reward_checkpoints: Optional[str] = None
     """text-to-image: local reward weights, name=PATH,... (e.g. clip=/models/clip-vit-large-patch14)"""
     lora_rank: Optional[int] = None
-    """text-to-image: generator LoRA rank"""
+    """text-to-image: generator LoRA rank (DMDR: 64)"""
     lora_alpha: Optional[float] = None
-    """text-to-image: generator LoRA alpha (scale alpha / rank)"""
+    """text-to-image: generator LoRA alpha, scale alpha / rank (DMDR: 128)"""
     fake_lora_rank: Optional[int] = None
-    """text-to-image: fake-score LoRA rank"""
+    """text-to-image: fake-score LoRA rank (DMDR: 32)"""
     fake_lora_alpha: Optional[float] = None
-    """text-to-image: fake-score LoRA alpha"""
-    toy_mixture: str = "ring8"
+    """text-to-image: fake-score LoRA alpha (DMDR: 32)"""
+    toy_mixture: Literal["ring8", "grid25", "line3"] = "ring8"
     """toy teacher: ring8 (8 equal modes), grid25 (5x5, unequal weights), line3"""
     toy_spread: Optional[float] = None
     """toy mode standard deviation (None: the mixture's default)"""
-    toy_path: str = "flow"
+    toy_path: Literal["flow", "vp"] = "flow"
     """toy noising path: flow (SD3-like, velocity) or vp (SDXL-like, eps)"""
     toy_classes: int = 0
     """toy class labels (mode k has label k % toy_classes); 0: unconditional"""
-    toy_reward: str = "linear"
+    toy_reward: Literal["linear", "quadratic", "radius"] = "linear"
     """toy reward: linear (r = d . x), quadratic (r = -|x - c|^2 / 2), radius (r = |x|, raised only off the ring)"""
     toy_reward_angle: float = 0.0
     """toy linear reward's direction in degrees from the x axis: r = cos(a) x_1 + sin(a) x_2"""
@@ -184,51 +199,63 @@ class Args:
     # ---- student and DMD ----
     student_steps: Optional[int] = None
     """K, the number of student sampling steps (pre-shift levels 1, 1 - 1/K, ..., 1/K) (toy2d: 1; text-to-image: 4)"""
-    sampler: Optional[str] = None
+    sampler: Optional[Literal["sde", "ode"]] = None
     """backward simulation and sampling: sde (DMD2's, x0 renoised with fresh noise) or ode (the authors' SD3 scripts:
-    Euler rollout, its final sample re-noised to a random student level) (toy2d: sde; SD3 presets: ode; equal at K = 1)"""
+    Euler rollout, its final sample re-noised to a random student level) (toy2d, sdxl: sde; SD3 presets: ode; equal at
+    K = 1)"""
     stage1_steps: Optional[int] = None
-    """generator updates of stage 1, the RT-DM cold start (toy2d: 600; DMDR SD3: 2000; 0 skips it)"""
+    """generator updates of stage 1, the RT-DM cold start (toy2d: 600; DMDR SD3: 2000; sdxl: 3000; 0 skips it); with
+    --resume, a larger value extends stage 1 of a run still in it"""
     stage2_steps: Optional[int] = None
-    """generator updates of stage 2, joint DMD + RL (toy2d: 300; DMDR SD3-M: 2000; 0 skips it)"""
+    """generator updates of stage 2, joint DMD + RL (toy2d: 300; DMDR SD3-M: 2000; SD3.5-L, sdxl: 1000; 0 skips it);
+    with --resume, a larger value extends the run's stage 2 (a run ended after stage 1 continues into it)"""
     batch_size: Optional[int] = None
-    """samples per generator update in stage 1, per GPU (toy2d: 256; DMDR SD3-M: 8)"""
+    """samples per generator update in stage 1, per GPU (toy2d: 256; DMDR SD3-M: 8; SD3.5-L: 4)"""
     stage2_batch_size: Optional[int] = None
-    """samples per generator update in stage 2, per GPU (default: batch_size; DMDR SD3-M: 4); dpo / grpo: groups x group_size"""
+    """samples per generator update in stage 2, per GPU (default: batch_size; DMDR SD3-M, sdxl: 4; SD3.5-L: 2); dpo / grpo:
+    groups x group_size"""
     lr_generator: Optional[float] = None
-    """generator adapter learning rate in stage 1 (toy2d: 1e-3; DMDR SD3-M: 1e-6)"""
+    """generator adapter learning rate in stage 1 (toy2d: 1e-3; DMDR SD3: 1e-6; sdxl: 5e-5)"""
     lr_fake: Optional[float] = None
-    """fake-score adapter learning rate in stage 1 (toy2d: 1e-3; DMDR SD3-M: 5e-7)"""
+    """fake-score adapter learning rate in stage 1 (toy2d: 1e-3; DMDR SD3-M: 5e-7; SD3.5-L: 2e-8; sdxl: 5e-5)"""
     stage2_lr_generator: Optional[float] = None
-    """generator learning rate in stage 2 (default: lr_generator; DMDR SD3-M: 5e-7)"""
+    """generator learning rate in stage 2 (default: lr_generator; DMDR SD3-M: 5e-7; SD3.5-L: 1e-7)"""
     stage2_lr_fake: Optional[float] = None
-    """fake-score learning rate in stage 2 (default: lr_fake; DMDR SD3-M: 2e-7)"""
+    """fake-score learning rate in stage 2 (default: lr_fake; DMDR SD3-M: 2e-7; SD3.5-L: 5e-9)"""
     weight_decay_generator: float = 0.01
     """AdamW weight decay of the generator adapter (the fake adapter has none)"""
     fake_updates_per_step: int = 5
     """TTUR: fake-score updates per generator update (DMDR: 5)"""
     guidance_scale: Optional[float] = None
-    """classifier-free guidance of the real score (toy2d: 1.0; DMDR SD3-M: 7)"""
+    """classifier-free guidance of the real score (toy2d: 1.0, it needs --toy-classes; DMDR SD3-M: 7; SD3.5-L: 4;
+    sd3.5-medium: 4.5; sdxl: 7)"""
     guidance_jitter: Optional[float] = None
-    """the real score's guidance is drawn from U(g - j, g + j) at each generator update (toy2d: 0; DMDR SD3: 0.5)"""
+    """the real score's guidance is drawn from U(g - j, g + j) at each generator update (toy2d: 0, it needs
+    --toy-classes; DMDR SD3, sdxl: 0.5)"""
     renoise_min: float = 0.02
     """with --no-dyna-rs: lowest pre-shift time of the DMD renoise (DMD2: 0.02)"""
     renoise_max: float = 0.98
     """with --no-dyna-rs: highest pre-shift time of the DMD renoise (DMD2: 0.98)"""
     grad_clip: float = 1.0
     """gradient-norm clipping of both adapters (0: off)"""
+    ema_decay: float = 0.0
+    """generator EMA: ema <- decay * ema + (1 - decay) * weights every ema_every updates, used for evaluation and saved as
+    checkpoint/generator/ (the trained weights in checkpoint/raw/); 0: off (DMDR: "EMA is not useful", recipes.md s.2)"""
+    ema_every: int = 1
+    """generator updates between EMA updates"""
     micro_batch_size: Optional[int] = None
     """split every forward / backward of a batch into chunks of this many samples whose gradients accumulate into one
-    optimiser step (the same update as the whole batch); None: the whole batch at once"""
+    optimiser step, the same update as the whole batch (fake updates, the generator's DMD and ReFL terms, GRPO's
+    trajectories; DPO: pairs of half as many), and the reward decode; None: the whole batch at once"""
     gradient_checkpointing: bool = True
     """text-to-image: recompute the network's blocks (and the reward decode) in backward, to save memory;
     --no-gradient-checkpointing keeps the activations (~17% less time per step, measured on CPU)"""
-    # ---- stage 1: RT-DM, DynaDG, DynaRS ----
+    # ---- stage 1: reward tilt, DynaDG, DynaRS ----
     rt_dm: bool = True
     """stage 1: reward-tilted DM (eq. 4), DMD gradient weighted by exp(beta r / ||r||) (--no-rt-dm: plain DMD)"""
     rt_dm_beta: float = 1.0
     """RT-DM tilt strength: weights exp(beta * r / ||r||) (paper: 1)"""
-    rt_dm_norm: str = "std"
+    rt_dm_norm: Literal["std", "rms"] = "std"
     """RT-DM's ||r||: std (ours: the batch's standard deviation, weights invariant to the reward's offset and scale) or
     rms (paper-literal: the uncentred RMS, weights depend on the reward's offset)"""
     dyna_dg: bool = True
@@ -238,15 +265,15 @@ class Args:
     lora_scale_r0: float = 0.5
     """DynaDG real-score adapter scale at step 0, annealed by a cosine to 0 (DMDR SD3-M: 0.5, SiT: 0.75)"""
     dynamic_steps: Optional[int] = None
-    """generator updates over which DynaDG and DynaRS anneal (toy2d: 300; DMDR SD3-M: 2000); 0: both off"""
+    """generator updates over which DynaDG and DynaRS anneal (toy2d: 300; DMDR SD3: 2000; sdxl: 0); 0: both off"""
     dyna_rs: bool = True
     """DynaRS: noise levels drawn from the annealed Beta(a_c, b_c) (--no-dyna-rs: DMD2's levels)"""
     dyna_rs_a: float = 4.0
     """DynaRS Beta parameter a at step 0 (DMDR: 4)"""
     dyna_rs_b: float = 1.5
     """DynaRS Beta parameter b at step 0 (DMDR: 1.5)"""
-    # ---- stage 2: joint DMD + RL ----
-    rl: str = "refl"
+    # ---- stage 2: joint DMD and RL ----
+    rl: Literal["refl", "dpo", "grpo", "none"] = "refl"
     """stage-2 RL loss: refl, dpo, grpo (group-normalised REINFORCE), none"""
     lambda_rl: Optional[float] = None
     """weight of the RL loss, L = L_dmd + lambda_rl * L_rl (eq. 3) (toy2d: 0.3, below the measured hacking boundary, where
@@ -277,6 +304,10 @@ class Args:
     """samples per evaluation (toy2d: 4000; text-to-image: 16, one per evaluation prompt)"""
     progress: bool = True
     """show a tqdm progress bar"""
+    resume: Optional[str] = None
+    """continue the run in this directory from its last complete checkpoint, with its own config (and a larger
+    --stage2-steps, or --stage1-steps while the run is still in stage 1, to extend it): adapters, optimisers, EMA, step
+    and stage, DPO's reference and RNG states are restored, so the result is the uninterrupted run's"""
 
 
 # Every Args field that defaults to None gets its value here, per model. Text-to-image values are the authors' scripts
@@ -368,12 +399,13 @@ def generator_sample(world, cond, sigmas, noise, step=None, noises=None):
 
 
 @torch.no_grad()
-def rollout(world, cond, sigmas, x, start=0, sampler="sde", generator=None):
+def rollout(world, cond, sigmas, x, start=0, sampler="sde", generator=None, noises=None):
     """The student's steps start, ..., K-1 from the state x at level sigmas[start] (no grad). Each step predicts
-    x0 = G(x, sigma_k) and moves to sigma_{k+1}: sde (DMD2's sampler) renoises x0 with fresh noise; ode takes the Euler
-    step of the flow ODE (on a VP path the DDIM step), i.e. renoises x0 with the noise the step implies,
-    eps_hat = (x - alpha_k x0) / sigma_k. Returns (the final sample = the last step's x0 (n, ...), the states
-    [x at sigma_start, ..., x at sigma_{K-1}])."""
+    x0 = G(x, sigma_k) and moves to sigma_{k+1}: sde (DMD2's sampler) renoises x0 with fresh noise (noises[k] for the
+    move k -> k + 1 when given: pre-drawn (n, ...) tensors, as in sample_student); ode takes the Euler step of the flow
+    ODE (on a VP path the DDIM step), i.e. renoises x0 with the noise the step implies, eps_hat = (x - alpha_k x0) /
+    sigma_k. Returns (the final sample = the last step's x0 (n, ...), the states [x at sigma_start, ..., x at
+    sigma_{K-1}])."""
     states = []
     for k in range(start, len(sigmas)):
         states.append(x)
@@ -381,6 +413,8 @@ def rollout(world, cond, sigmas, x, start=0, sampler="sde", generator=None):
         if k + 1 < len(sigmas):
             if sampler == "ode":
                 eps = (x - world.alpha(sigmas[k]) * x0) / sigmas[k]
+            elif noises is not None:
+                eps = noises[k]
             else:
                 where = generator.device if generator is not None else x0.device  # a CPU generator with a CUDA world
                 eps = torch.randn(x0.shape, generator=generator, device=where, dtype=x0.dtype).to(x0.device)
@@ -388,38 +422,95 @@ def rollout(world, cond, sigmas, x, start=0, sampler="sde", generator=None):
     return x0, states
 
 
-def ode_generator_sample(world, cond, sigmas, noise):
-    """The authors' ode backward simulation: the deterministic K-step rollout's final samples (no grad), each re-noised
-    with fresh noise to one of the K student levels (uniform, drawn per sample); the generator's x0 from there WITH
-    grad. Returns (x0 (n, ...), the levels' indices k (n,), the final samples (n, ...), what the fake score trains on)."""
-    with torch.no_grad():
-        final, _ = rollout(world, cond, sigmas, noise, sampler="ode")
-        k = torch.randint(len(sigmas), (final.shape[0],), device=final.device)
-        sigma = torch.tensor(sigmas, device=final.device, dtype=final.dtype)[k]  # (n,)
-        x = world.renoise(final, sigma, torch.randn_like(final))
-    return world.x0("generator", x, sigma, cond), k, final
+# ---- micro-batches: a batch's randomness is drawn whole, then the batch is split ----
+# Every training step below first draws all of its batch's randomness (noise, steps, levels, renoise noise) in the order
+# the unsplit step draws it, then runs the batch in chunks of --micro-batch-size whose losses are the chunk's share of the
+# batch mean (chunk mean x chunk / n): the accumulated gradients are the whole batch's, and so is the update.
 
 
-def backward_simulation(world, args, cond, sigmas):
-    """The generator's trained outputs for one batch: (x0 (n, ...) with grad, the student step(s) k, the complete
-    rollouts of those samples (n, ...), no grad, for RT-DM's reward). sde: DMD2's (one step k for the batch), the rollout
-    completed from x0 with fresh noise; ode: the final samples the inputs were made from."""
+# Copied from dmd.py: micro_batches
+def micro_batches(n, size):
+    """Slices that split a batch of n into chunks of at most `size` (None: one chunk). A loss that is a mean over the
+    batch becomes the sum over chunks of chunk mean * chunk / n, so accumulated gradients equal the whole batch's."""
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def take(draws, c):
+    """The rows c of a batch's pre-drawn randomness: tensors (n, ...), and lists or dicts of them, are sliced; numbers
+    (a step k, a guidance scale) are the whole batch's."""
+    if isinstance(draws, dict):
+        return {key: take(value, c) for key, value in draws.items()}
+    if isinstance(draws, list):
+        return [take(value, c) for value in draws]
+    return draws[c] if torch.is_tensor(draws) and draws.dim() > 0 else draws
+
+
+def rollout_noises(noise, sampler, n_steps):
+    """The draws of a batch's rollout from pure noise: sde, one (n, ...) tensor per move k -> k + 1; ode, none."""
+    return [torch.randn_like(noise) for _ in range(n_steps - 1)] if sampler == "sde" else []
+
+
+# ---- backward simulation: the generator's trained outputs, and the samples the fake score tracks ----
+
+
+def simulation_draws(world, args, cond, sigmas):
+    """The randomness of one batch's backward simulation: the noise; ode, a student level per sample and the noise that
+    re-noises the final sample to it; sde, one step k for the batch and the K - 1 moves' noises (those before k lead to
+    it, the later ones complete the rollout whose reward RT-DM uses)."""
     noise = world.noise(cond)
     if args.sampler == "ode":
-        return ode_generator_sample(world, cond, sigmas, noise)
-    x0, k = generator_sample(world, cond, sigmas, noise)
-    if k + 1 == len(sigmas):
-        return x0, k, x0.detach()
-    x_next = world.renoise(x0.detach(), sigmas[k + 1], torch.randn_like(x0))
-    return x0, k, rollout(world, cond, sigmas, x_next, start=k + 1)[0]
+        k = torch.randint(len(sigmas), (noise.shape[0],), device=noise.device)  # (n,)
+        return {"noise": noise, "k": k, "eps": torch.randn_like(noise)}
+    return {"noise": noise, "k": int(torch.randint(len(sigmas), (1,))), "noises": rollout_noises(noise, "sde", len(sigmas))}
 
 
 @torch.no_grad()
-def fake_training_samples(world, args, cond, sigmas):
-    """The samples the fake score tracks: sde, the generator's x0 at a random step (DMD2); ode, the final samples."""
+def simulation_inputs(world, args, cond, sigmas, draws, complete=True):
+    """The generator's inputs for a batch (or chunk) of backward simulation, no grad: (x (n, ...), its level sigma (a
+    number, or (n,) per sample), the complete rollouts (n, ...) that RT-DM's reward scores, or None with complete=False).
+    ode, the authors': the deterministic K-step rollout's final samples, each re-noised to its drawn student level; the
+    complete rollouts are those final samples. sde, DMD2's: the state at step k; the complete rollout continues from
+    the generator's x0 there (one more forward, without grad) through the later steps."""
     if args.sampler == "ode":
-        return rollout(world, cond, sigmas, world.noise(cond), sampler="ode")[0]
-    return generator_sample(world, cond, sigmas, world.noise(cond))[0]
+        final, _ = rollout(world, cond, sigmas, draws["noise"], sampler="ode")
+        sigma = torch.tensor(sigmas, device=final.device, dtype=final.dtype)[draws["k"]]  # (n,)
+        return world.renoise(final, sigma, draws["eps"]), sigma, final
+    k, noises = draws["k"], draws["noises"]
+    x = sample_student(world, cond, sigmas, draws["noise"], stop=k, noises=noises)
+    if not complete:
+        return x, sigmas[k], None
+    x0 = world.x0("generator", x, sigmas[k], cond)
+    if k + 1 < len(sigmas):
+        x0, _ = rollout(world, cond, sigmas, world.renoise(x0, sigmas[k + 1], noises[k]), start=k + 1, noises=noises)
+    return x, sigmas[k], x0
+
+
+def backward_simulation(world, args, cond, sigmas, draws=None):
+    """The generator's trained outputs for one whole batch: (x0 (n, ...) with grad, the student step(s) k, the complete
+    rollouts of those samples (n, ...), no grad, for RT-DM's reward). sde: DMD2's (one step k for the batch), the rollout
+    completed from x0 with fresh noise; ode: the final samples the inputs were made from."""
+    draws = simulation_draws(world, args, cond, sigmas) if draws is None else draws
+    x, sigma, complete = simulation_inputs(world, args, cond, sigmas, draws)
+    return world.x0("generator", x, sigma, cond), draws["k"], complete
+
+
+def fake_draws(world, args, cond, sigmas):
+    """The randomness of one batch of fake-score training samples: the noise; sde, a step k and the noises before it."""
+    noise = world.noise(cond)
+    if args.sampler == "ode":
+        return {"noise": noise}
+    k = int(torch.randint(len(sigmas), (1,)))
+    return {"noise": noise, "k": k, "noises": [torch.randn_like(noise) for _ in range(k)]}
+
+
+@torch.no_grad()
+def fake_training_samples(world, args, cond, sigmas, draws=None):
+    """The samples the fake score tracks: sde, the generator's x0 at a random step (DMD2); ode, the final samples."""
+    draws = fake_draws(world, args, cond, sigmas) if draws is None else draws
+    if args.sampler == "ode":
+        return rollout(world, cond, sigmas, draws["noise"], sampler="ode")[0]
+    return generator_sample(world, cond, sigmas, draws["noise"], draws["k"], draws["noises"])[0]
 
 
 @torch.no_grad()
@@ -541,17 +632,25 @@ def real_guidance(args):
     return args.guidance_scale + args.guidance_jitter * (2.0 * float(torch.rand(())) - 1.0)
 
 
-def distribution_matching_loss(world, args, x0, cond, step, weights=None):
+def dm_draws(args, world, x0, step):
+    """The randomness of one batch's DMD term at generator step `step`: the renoise times t (n,) (DynaRS), the renoise
+    noise (n, ...) and the real score's (jittered) guidance."""
+    t = renoise_times(args, world, x0.shape[0], step, x0.device, for_fake=False)
+    return {"t": t, "eps": torch.randn_like(x0), "cfg": real_guidance(args)}
+
+
+def distribution_matching_loss(world, args, x0, cond, step, weights=None, draws=None):
     """DMDR's DMD term for generator outputs x0 (n, ...) at generator step `step` (eq. 1; eq. 4 with RT-DM weights (n,)).
     x0 is renoised at the DynaRS level; real score = teacher + lora_scale_r(step) * fake adapter (DynaDG; the teacher
-    alone when it is 0) with the (jittered) CFG; fake score = teacher + lora_scale_f * fake adapter, no CFG."""
+    alone when it is 0) with the (jittered) CFG; fake score = teacher + lora_scale_f * fake adapter, no CFG. draws:
+    the rows of dm_draws that x0 is (None: drawn here)."""
     with torch.no_grad():
-        t = renoise_times(args, world, x0.shape[0], step, x0.device, for_fake=False)
-        sigma = world.sigma(t)
-        x_t = world.renoise(x0, sigma, torch.randn_like(x0))
+        draws = dm_draws(args, world, x0, step) if draws is None else draws
+        sigma = world.sigma(draws["t"])
+        x_t = world.renoise(x0, sigma, draws["eps"])
         real_scale = lora_scale_r(step, args.lora_scale_r0, args.dynamic_steps) if args.dyna_dg else 0.0
         real_role = "fake" if real_scale > 0 else "teacher"
-        x0_real = world.x0(real_role, x_t, sigma, cond, cfg=real_guidance(args), adapter_scale=real_scale)
+        x0_real = world.x0(real_role, x_t, sigma, cond, cfg=draws["cfg"], adapter_scale=real_scale)
         x0_fake = world.x0("fake", x_t, sigma, cond, adapter_scale=args.lora_scale_f)
         grad = dmd_grad(x0, x0_real, x0_fake)  # (n, ...)
         if weights is not None:
@@ -559,7 +658,10 @@ def distribution_matching_loss(world, args, x0, cond, step, weights=None):
     return dmd_loss(x0, grad)
 
 
-# ---- stage 2: the RL terms of eq. 3, one function each: (loss, the batch's rewards (n,) for the log) ----
+# ---- stage 2: the RL terms of eq. 3 ----
+# DPO and GRPO score their own rollouts: <term>_batch does the no-grad part of a batch (rollouts, rewards, pairs or
+# advantages), <term>_chunk_loss the part with grad for the rows c, as their share of the batch mean. ReFL differentiates
+# the DMD term's own backward-simulated x0 (refl_term, chunk by chunk with it).
 
 
 def refl_hinge(reward, margin=None):
@@ -613,31 +715,50 @@ def swapped_params(params, values):
                 p.copy_(v)
 
 
-def dpo_rl_loss(world, cond, x_w, x_l, sigmas, ref_values, beta):
-    """Diffusion-DPO on pairs (m, ...) of complete rollouts: winner and loser share a student level sigma_k and the
-    noise; the reference is the generator frozen at the start of stage 2 (ref_values, swapped in without grad)."""
-    m = x_w.shape[0]
-    sigma = torch.tensor(sigmas, device=x_w.device)[torch.randint(len(sigmas), (m,), device=x_w.device)]  # (m,)
-    eps = torch.randn_like(x_w)
-    xw_t, xl_t = world.renoise(x_w, sigma, eps), world.renoise(x_l, sigma, eps)
-    with torch.no_grad(), swapped_params(world.params("generator"), ref_values):  # before the policy's graph exists
-        err_w_ref = denoising_error(world, x_w, xw_t, sigma, cond)
-        err_l_ref = denoising_error(world, x_l, xl_t, sigma, cond)
-    err_w = denoising_error(world, x_w, xw_t, sigma, cond)
-    err_l = denoising_error(world, x_l, xl_t, sigma, cond)
-    return dpo_loss(err_w, err_l, err_w_ref, err_l_ref, beta)
+def pair_chunk(micro_batch_size):
+    """DPO's pairs per chunk: a pair is two forwards (winner and loser), so half the micro-batch (None: all)."""
+    return None if micro_batch_size is None else max(1, micro_batch_size // 2)
 
 
-def dpo_term(world, args, cond, sigmas, ref_values):
-    """DPO's L_rl: complete rollouts with the run's sampler, best and worst of each group as the pair."""
-    x_final, _ = rollout(world, cond, sigmas, world.noise(cond), sampler=args.sampler)  # (n, ...)
-    with torch.no_grad():
-        reward = world.reward(x_final, cond)
+@torch.no_grad()
+def dpo_batch(world, args, cond, sigmas, ref_values):
+    """Diffusion-DPO's pairs for one batch (cond: one condition per group of group_size), everything without grad:
+    complete rollouts with the run's sampler, the best and the worst reward of each group as winner and loser, both
+    noised with shared noise to a shared student level, and the reference's denoising errors on them (the generator
+    frozen at the start of stage 2, ref_values, swapped in). Returns (the pairs: a dict of (m, ...) tensors, the
+    rollouts' rewards (n,))."""
+    n, m = cond.shape[0], cond.shape[0] // args.group_size
+    noise = world.noise(cond)
+    noises = rollout_noises(noise, args.sampler, len(sigmas))
+    chunks = micro_batches(n, args.micro_batch_size)
+    x_final = torch.cat([rollout(world, cond[c], sigmas, noise[c], sampler=args.sampler, noises=take(noises, c))[0]
+                         for c in chunks])  # (n, ...)
+    reward = torch.cat([world.reward(x_final[c], cond[c]) for c in chunks])
     check_finite(reward.mean(), "reward")
     r = reward.reshape(-1, args.group_size)  # (groups, G)
-    rows = torch.arange(r.shape[0], device=r.device) * args.group_size
+    rows = torch.arange(m, device=r.device) * args.group_size
     best, worst = rows + r.argmax(1), rows + r.argmin(1)
-    return dpo_rl_loss(world, cond[best], x_final[best], x_final[worst], sigmas, ref_values, args.dpo_beta), reward
+    x_w, x_l = x_final[best], x_final[worst]
+    sigma = torch.tensor(sigmas, device=x_w.device)[torch.randint(len(sigmas), (m,), device=x_w.device)]  # (m,)
+    eps = torch.randn_like(x_w)
+    pairs = {"cond": cond[best], "x_w": x_w, "x_l": x_l, "sigma": sigma,
+             "xw_t": world.renoise(x_w, sigma, eps), "xl_t": world.renoise(x_l, sigma, eps)}
+    ref = {"err_w_ref": [], "err_l_ref": []}
+    with swapped_params(world.params("generator"), ref_values):  # no graph through the generator exists yet
+        for c in micro_batches(m, pair_chunk(args.micro_batch_size)):
+            p = take(pairs, c)
+            ref["err_w_ref"].append(denoising_error(world, p["x_w"], p["xw_t"], p["sigma"], p["cond"]))
+            ref["err_l_ref"].append(denoising_error(world, p["x_l"], p["xl_t"], p["sigma"], p["cond"]))
+    return {**pairs, **{key: torch.cat(v) for key, v in ref.items()}}, reward
+
+
+def dpo_chunk_loss(world, args, pairs, sigmas, c):
+    """Diffusion-DPO's loss on the pairs c, with grad through the generator's denoising errors, as its share of the
+    mean over the m pairs."""
+    p = take(pairs, c)
+    err_w = denoising_error(world, p["x_w"], p["xw_t"], p["sigma"], p["cond"])
+    err_l = denoising_error(world, p["x_l"], p["xl_t"], p["sigma"], p["cond"])
+    return dpo_loss(err_w, err_l, p["err_w_ref"], p["err_l_ref"], args.dpo_beta) * ((c.stop - c.start) / len(pairs["cond"]))
 
 
 def group_advantages(rewards, group_size, eps=1e-6):
@@ -668,14 +789,29 @@ def trajectory_logprobs(world, states, sigmas, cond):
                         for k in range(len(sigmas) - 1)], dim=1)
 
 
-def grpo_term(world, args, cond, sigmas, ref_values=None):
-    """GRPO's L_rl (group-normalised REINFORCE) on stochastic (sde) rollouts, one condition per group."""
-    x_final, states = rollout(world, cond, sigmas, world.noise(cond), sampler="sde")
-    with torch.no_grad():
-        reward = world.reward(x_final, cond)
+@torch.no_grad()
+def grpo_batch(world, args, cond, sigmas, ref_values=None):
+    """GRPO's trajectories for one batch (one condition per group), without grad: stochastic (sde) rollouts, their
+    rewards and group-normalised advantages. Returns (the trajectories: a dict, the rewards (n,))."""
+    noise = world.noise(cond)
+    noises = rollout_noises(noise, "sde", len(sigmas))
+    chunks = micro_batches(cond.shape[0], args.micro_batch_size)
+    parts = [rollout(world, cond[c], sigmas, noise[c], sampler="sde", noises=take(noises, c)) for c in chunks]
+    states = [torch.cat([chunk_states[k] for _, chunk_states in parts]) for k in range(len(sigmas))]  # K x (n, ...)
+    reward = torch.cat([world.reward(x_final, cond[c]) for (x_final, _), c in zip(parts, chunks)])  # (n,)
     check_finite(reward.mean(), "reward")
-    logp = trajectory_logprobs(world, states, sigmas, cond)  # (n, K - 1) with grad
-    return reinforce_loss(logp, group_advantages(reward, args.group_size)), reward
+    return {"cond": cond, "states": states, "advantages": group_advantages(reward, args.group_size)}, reward
+
+
+def grpo_chunk_loss(world, args, trajectories, sigmas, c):
+    """GRPO's loss (group-normalised REINFORCE) on the trajectories c, with grad through their transitions'
+    log-probabilities, as its share of the batch mean."""
+    t = take(trajectories, c)
+    logp = trajectory_logprobs(world, t["states"], sigmas, t["cond"])  # (chunk, K - 1) with grad
+    return reinforce_loss(logp, t["advantages"]) * ((c.stop - c.start) / len(trajectories["cond"]))
+
+
+RL_TERMS = {"dpo": (dpo_batch, dpo_chunk_loss), "grpo": (grpo_batch, grpo_chunk_loss)}  # on their own rollouts
 
 
 # ---- the training steps ----
@@ -683,82 +819,124 @@ def grpo_term(world, args, cond, sigmas, ref_values=None):
 
 def fake_updates(world, args, sigmas, step, n, opt_fake):
     """TTUR: fake_updates_per_step diffusion-loss updates of the fake adapter (at lora_scale_f) on fresh detached
-    student samples (fake_training_samples), noise levels from DynaRS (or DMD2's U(0, 1])."""
+    student samples (fake_training_samples), noise levels from DynaRS (or DMD2's U(0, 1]), each in micro-batches."""
     losses = []
     for _ in range(args.fake_updates_per_step):
         cond = world.sample_cond(n)
-        x0 = fake_training_samples(world, args, cond, sigmas)
-        t = renoise_times(args, world, n, step, x0.device, for_fake=True)
-        loss = fake_score_loss(world, x0, cond, t, adapter_scale=args.lora_scale_f)
-        check_finite(loss, "fake_score_loss")
+        draws = fake_draws(world, args, cond, sigmas)
+        t = renoise_times(args, world, n, step, cond.device, for_fake=True)
+        eps = torch.randn_like(draws["noise"])
         opt_fake.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for c in micro_batches(n, args.micro_batch_size):
+            x0 = fake_training_samples(world, args, cond[c], sigmas, take(draws, c))
+            loss = fake_score_loss(world, x0, cond[c], t[c], adapter_scale=args.lora_scale_f, eps=eps[c])
+            loss = loss * ((c.stop - c.start) / n)
+            check_finite(loss, "fake_score_loss")
+            loss.backward()
+            total += loss.item()
         sync_and_clip(world.params("fake"), args.grad_clip)
         opt_fake.step()
-        losses.append(loss.item())
+        losses.append(total)
     return sum(losses) / len(losses)
 
 
-def generator_update(world, args, loss, opt_generator):
-    opt_generator.zero_grad(set_to_none=True)
-    loss.backward()
-    sync_and_clip(world.params("generator"), args.grad_clip)
+def generator_update(world, args, opt_generator):
+    """The optimiser step of one generator update, once its chunks' gradients have accumulated. Returns the gradient
+    norm before clipping."""
+    grad_norm = sync_and_clip(world.params("generator"), args.grad_clip)
     opt_generator.step()
+    return grad_norm
 
 
 def stage1_step(world, args, sigmas, step, opt_generator, opt_fake):
-    """Stage 1 (cold start): TTUR fake updates, then one RT-DM generator update. step: 0-based generator step."""
+    """Stage 1 (cold start): TTUR fake updates, then one RT-DM generator update. step: 0-based generator step.
+    RT-DM's weights are a softmax over the whole batch's rewards, so the update runs in two passes: the complete
+    rollouts' rewards of every chunk (no grad), then each chunk's weighted DMD loss with grad."""
     n = args.batch_size
     fake_loss = fake_updates(world, args, sigmas, step, n, opt_fake)
     cond = world.sample_cond(n)
-    x0, k, complete = backward_simulation(world, args, cond, sigmas)  # x0 (n, ...) with grad
-    with torch.no_grad():  # the complete rollout's reward is logged either way; only RT-DM uses it
-        reward = world.reward(complete, cond)  # (n,)
+    sim = simulation_draws(world, args, cond, sigmas)
+    dm = dm_draws(args, world, sim["noise"], step)
+    chunks = micro_batches(n, args.micro_batch_size)
+    inputs, rewards = [], []
+    for c in chunks:
+        x, sigma, complete = simulation_inputs(world, args, cond[c], sigmas, take(sim, c))
+        inputs.append((x, sigma))
+        with torch.no_grad():  # the complete rollout's reward is logged either way; only RT-DM uses it
+            rewards.append(world.reward(complete, cond[c]))
+    reward = torch.cat(rewards)  # (n,)
     check_finite(reward.mean(), "reward")
     weights = reward_tilt_weights(reward, args.rt_dm_beta, args.rt_dm_norm) if args.rt_dm else None  # (n,)
-    loss = distribution_matching_loss(world, args, x0, cond, step, weights)
-    check_finite(loss, "dmd_loss")
-    generator_update(world, args, loss, opt_generator)
-    out = {"dmd_loss": loss.item(), "fake_loss": fake_loss, "train_reward": reward.mean().item(),
-           "student_step": float(torch.as_tensor(k, dtype=torch.float32).mean())}
+    opt_generator.zero_grad(set_to_none=True)
+    total = 0.0
+    for c, (x, sigma) in zip(chunks, inputs):
+        x0 = world.x0("generator", x, sigma, cond[c])  # (chunk, ...) with grad
+        loss = distribution_matching_loss(world, args, x0, cond[c], step, None if weights is None else weights[c],
+                                          take(dm, c)) * ((c.stop - c.start) / n)
+        check_finite(loss, "dmd_loss")
+        loss.backward()
+        total += loss.item()
+    out = {"dmd_loss": total, "fake_loss": fake_loss, "train_reward": reward.mean().item(),
+           "student_step": float(torch.as_tensor(sim["k"], dtype=torch.float32).mean()),
+           "grad_norm": generator_update(world, args, opt_generator)}
     if weights is not None:
         out["rt_dm_weight_max"] = weights.max().item()
     return out
 
 
-RL_TERMS = {"dpo": dpo_term, "grpo": grpo_term}  # on their own rollouts; refl_term differentiates the DMD batch's x0
-
-
 def stage2_step(world, args, sigmas, step, opt_generator, opt_fake, ref_values):
-    """Stage 2: L = L_dmd + lambda_rl * L_rl (eq. 3), one generator update (after TTUR fake updates if DMD is on)."""
+    """Stage 2: L = L_dmd + lambda_rl * L_rl (eq. 3), one generator update (after TTUR fake updates if DMD is on).
+    The RL term's rollouts and the DMD batch are drawn whole, then run in chunks: chunk i of the RL term (DPO's pairs,
+    GRPO's trajectories) and chunk i of the DMD batch (its DMD and ReFL terms) share one backward."""
     n = args.stage2_batch_size
     out = {}
     if args.dmd:
         out["fake_loss"] = fake_updates(world, args, sigmas, step, n, opt_fake)
+    rl_batch, reward = None, None
     if args.rl in RL_TERMS:
         cond = world.sample_cond(n // args.group_size).repeat_interleave(args.group_size)  # one condition per group
-        # first: DPO swaps the reference's weights into the generator in place, before any graph through them exists
-        loss_rl, reward = RL_TERMS[args.rl](world, args, cond, sigmas, ref_values)
+        # first, as before any graph through the generator exists: DPO swaps the reference's weights in place
+        rl_batch, reward = RL_TERMS[args.rl][0](world, args, cond, sigmas, ref_values)
     else:
         cond = world.sample_cond(n)
-        loss_rl, reward = None, None
-    total = 0.0
+    rl_chunks = micro_batches(len(rl_batch["cond"]), pair_chunk(args.micro_batch_size) if args.rl == "dpo" else
+                              args.micro_batch_size) if rl_batch is not None else []
+    dm_chunks, sim, dm = [], None, None
     if args.dmd or args.rl == "refl":
-        x0, k, _ = backward_simulation(world, args, cond, sigmas)  # (n, ...) with grad
-        out["student_step"] = float(torch.as_tensor(k, dtype=torch.float32).mean())
+        sim = simulation_draws(world, args, cond, sigmas)
+        dm = dm_draws(args, world, sim["noise"], step) if args.dmd else None
+        dm_chunks = micro_batches(n, args.micro_batch_size)
+        out["student_step"] = float(torch.as_tensor(sim["k"], dtype=torch.float32).mean())
+    opt_generator.zero_grad(set_to_none=True)
+    sums, refl_rewards = {"dmd_loss": 0.0, "rl_loss": 0.0}, []
+    for i in range(max(len(rl_chunks), len(dm_chunks))):
+        loss_rl = RL_TERMS[args.rl][1](world, args, rl_batch, sigmas, rl_chunks[i]) if i < len(rl_chunks) else None
+        total = 0.0
+        if i < len(dm_chunks):
+            c = dm_chunks[i]
+            x, sigma, _ = simulation_inputs(world, args, cond[c], sigmas, take(sim, c), complete=False)
+            x0 = world.x0("generator", x, sigma, cond[c])  # (chunk, ...) with grad
+            if args.dmd:
+                loss_dmd = distribution_matching_loss(world, args, x0, cond[c], step, draws=take(dm, c)) * ((c.stop - c.start) / n)
+                check_finite(loss_dmd, "dmd_loss")
+                sums["dmd_loss"] += loss_dmd.item()
+                total = total + loss_dmd
+            if args.rl == "refl":
+                loss_rl, chunk_reward = refl_term(world, args, x0, cond[c])
+                loss_rl = loss_rl * ((c.stop - c.start) / n)
+                refl_rewards.append(chunk_reward)
+        if loss_rl is not None:
+            check_finite(loss_rl, "rl_loss")
+            sums["rl_loss"] += loss_rl.item()
+            total = total + args.lambda_rl * loss_rl
+        total.backward()
     if args.dmd:
-        loss_dmd = distribution_matching_loss(world, args, x0, cond, step)
-        check_finite(loss_dmd, "dmd_loss")
-        out["dmd_loss"] = loss_dmd.item()
-        total = total + loss_dmd
-    if args.rl == "refl":
-        loss_rl, reward = refl_term(world, args, x0, cond)
-    if loss_rl is not None:
-        check_finite(loss_rl, "rl_loss")
-        out["rl_loss"] = loss_rl.item()
-        out["train_reward"] = reward.mean().item()
-        total = total + args.lambda_rl * loss_rl
-    generator_update(world, args, total, opt_generator)
+        out["dmd_loss"] = sums["dmd_loss"]
+    if args.rl != "none":
+        reward = torch.cat(refl_rewards) if args.rl == "refl" else reward
+        out["rl_loss"], out["train_reward"] = sums["rl_loss"], reward.mean().item()
+    out["grad_norm"] = generator_update(world, args, opt_generator)
     return out
 
 
@@ -827,7 +1005,9 @@ def resolve_defaults(args):
 
 
 def validate(args):
-    """Every check that can fail before any work starts."""
+    """Every check that can fail before any work starts (on the args as resolve_defaults leaves them; stage 2's batch
+    size and rates default to stage 1's here as in main)."""
+    args = resolve_stage2(dataclasses.replace(args))
     if args.model not in MODELS:
         raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
     if args.model == "toy2d":
@@ -841,6 +1021,11 @@ def validate(args):
             raise ValueError(f"unknown toy reward {args.toy_reward!r}; valid rewards: {', '.join(toy2d.REWARDS)}")
         if args.shift is not None and args.toy_path != "flow":
             raise ValueError("--shift applies to flow worlds; the toy's vp path has none")
+        if args.hps_prefix is not None:
+            raise ValueError("--hps-prefix is a text-to-image option: the toy world has no use for it")
+        if args.toy_classes == 0 and args.guidance_jitter not in (None, 0.0):
+            raise ValueError(f"guidance_jitter {args.guidance_jitter} does nothing on the unconditional toy (it has no "
+                             "condition to guide toward): pass --toy-classes N too, or leave it at 0")
     else:
         validate_t2i(args)
         import t2i
@@ -859,19 +1044,25 @@ def validate(args):
         raise ValueError(f"unknown rt_dm_norm {args.rt_dm_norm!r}; valid: {', '.join(RT_DM_NORMS)}")
     if not 1 <= args.student_steps <= 8:
         raise ValueError(f"student_steps must be in 1..8, got {args.student_steps}")
+    check_world_options(args)
+    check_device(args.device)
     for name in ("stage1_steps", "stage2_steps", "dynamic_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "stage2_batch_size", "fake_updates_per_step", "log_every", "eval_every", "eval_samples"):
+    for name in ("batch_size", "stage2_batch_size", "fake_updates_per_step", "log_every", "eval_every", "eval_samples",
+                 "ema_every", "micro_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)}")
     for name in ("lr_generator", "lr_fake", "stage2_lr_generator", "stage2_lr_fake", "lora_scale_f", "dyna_rs_a",
                  "dyna_rs_b", "shift"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(args, name)}")
-    for name in ("lambda_rl", "lora_scale_r0", "rt_dm_beta", "guidance_scale", "guidance_jitter", "grad_clip", "dpo_beta"):
+    for name in ("lambda_rl", "lora_scale_r0", "rt_dm_beta", "guidance_scale", "guidance_jitter", "grad_clip", "dpo_beta",
+                 "weight_decay_generator"):
         if getattr(args, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.refl_margin is not None and math.isnan(args.refl_margin):
         raise ValueError("refl_margin must be a number (inf: no hinge)")
     if not 0.0 <= args.renoise_min < args.renoise_max <= 1.0:
@@ -887,6 +1078,42 @@ def validate(args):
             raise ValueError("--rl grpo needs student_steps >= 2 (a 1-step student has no stochastic transition)")
 
 
+# Copied from dmd.py: check_world_options
+def check_world_options(args):
+    """Options of one world are refused on the other, instead of being silently ignored."""
+    toy_options = {"toy_mixture": "ring8", "toy_spread": None, "toy_path": "flow", "toy_classes": 0,
+                   "toy_reward": "linear", "toy_reward_angle": 0.0, "toy_reward_target": (2.0, 0.0)}
+    t2i_options = ("model_path", "prompts", "eval_prompts", "resolution", "t2i_reward", "reward_checkpoints",
+                   "lora_rank", "lora_alpha", "fake_lora_rank", "fake_lora_alpha")
+    if args.model == "toy2d":
+        given = [name for name in t2i_options if getattr(args, name, None) is not None]
+        given += [] if getattr(args, "gradient_checkpointing", True) else ["no_gradient_checkpointing"]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is a text-to-image option: the toy world has no use for it")
+        if args.toy_classes == 0 and getattr(args, "guidance_scale", 1.0) not in (None, 1.0):
+            raise ValueError(f"guidance_scale {args.guidance_scale} does nothing on the unconditional toy (it has no "
+                             "condition to guide toward): pass --toy-classes N too, or leave it at 1")
+    else:
+        given = [name for name, default in toy_options.items()
+                 if (tuple(v) if isinstance(v := getattr(args, name, default), list) else v) != default]  # json: lists
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is a toy option: --model {args.model} has no use for it")
+
+
+# Copied from dmd.py: check_device
+def check_device(device):
+    """--device: cpu, cuda, cuda:N, or auto; a device this torch cannot use is an error before any work."""
+    if device in ("auto", "cpu"):
+        return
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"unknown device {device!r}; valid devices: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device {device}: {why} (use --device cpu or auto)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+
+
 def resolve_stage2(args):
     """Stage 2's batch size and learning rates default to stage 1's."""
     for name, source in (("stage2_batch_size", "batch_size"), ("stage2_lr_generator", "lr_generator"),
@@ -897,10 +1124,11 @@ def resolve_stage2(args):
 
 
 def configure_world(world, args):
-    """Options dmdr sets on a built world: the timestep shift of the student's levels (--shift). A run's world needs it
-    wherever it is rebuilt (evaluation too)."""
+    """Options dmdr sets on a built world: the timestep shift of the student's levels (--shift) and the hpsv2 reward
+    term's text prefix (--hps-prefix). A run's world needs them wherever it is rebuilt (evaluation too)."""
     if args.shift is not None:
         world.shift = float(args.shift)
+    set_hps_prefix(world, args.hps_prefix)
     return world
 
 
@@ -963,13 +1191,35 @@ def make_world(args, device, n_fakes=1):
     raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
 
 
-def make_run_dir(args, method):
-    name = args.run_name or f"{method}__{args.model}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+# Copied from dmd.py: run_dir_path
+def run_dir_path(args, method):
+    """The run directory, checked before any work (collision, a parent that cannot be written) and created only once
+    the world is built. The default name is unique even for two runs started in the same second."""
+    name = args.run_name or f"{method}__{args.model}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_dir = Path(args.output_dir) / name
     if run_dir.exists():
         raise FileExistsError(f"run directory {run_dir} exists; it is never overwritten (choose another --run-name)")
-    run_dir.mkdir(parents=True)
+    parent = Path(args.output_dir)
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output-dir {args.output_dir}: {parent} is not writable")
     return run_dir
+
+
+# Copied from dmd.py: rng_state
+def rng_state():
+    """Every random state a run draws from: torch's CPU generator, every CUDA device's, Python's random."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate()}
+
+
+# Copied from dmd.py: set_rng_state
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
 
 
 # Copied from dmd.py: save_checkpoint
@@ -996,6 +1246,83 @@ def save_checkpoint(world, run_dir, step, training_state=None, ema=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
+# Copied from dmd.py: find_checkpoint
+def find_checkpoint(run_dir):
+    """The last complete checkpoint of a run, in every crash window of save_checkpoint: checkpoint/, else a complete
+    checkpoint.tmp/ (a crash between the two renames: it is the newer one), else checkpoint.old/. None if there is none."""
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        if (Path(run_dir) / name / "state.json").exists():
+            return Path(run_dir) / name
+    return None
+
+
+def resume_args(args, method):
+    """--resume RUN_DIR: that run's own config (the run continues in its own directory), extended by a larger
+    --stage2-steps, or a larger --stage1-steps while the run is still in stage 1 (dmd.py's resume_args extends its one
+    num_steps; dmdr's learning rates are constant within each stage, so either extension is exact). Returns (args,
+    checkpoint directory)."""
+    run_dir = Path(args.resume)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a {method} run directory)")
+    config = json.loads(config_path.read_text())
+    if config.pop("method", method) != method:
+        raise ValueError(f"--resume {run_dir} is not a {method} run")
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None or not (ckpt / "training_state.pt").exists():
+        raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint with a training state")
+    known = {f.name for f in dataclasses.fields(args)}
+    resumed = type(args)(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in known})
+    resumed.resume, resumed.progress = str(run_dir), args.progress
+    for name in ("stage1_steps", "stage2_steps"):
+        given, own = getattr(args, name), getattr(resumed, name)
+        if given is None or given == own:
+            continue
+        if given < own:
+            raise ValueError(f"--{name.replace('_', '-')} {given} is below the run's {own}: a run is only extended")
+        step = json.loads((ckpt / "state.json").read_text())["step"]
+        if name == "stage1_steps" and step > own:
+            raise ValueError(f"--resume {run_dir} --stage1-steps {given}: the run is in stage 2 (step {step}); its "
+                             f"stage 1 ended at {own}. Extend stage 2 with --stage2-steps")
+        setattr(resumed, name, given)
+    resumed.run_name, resumed.output_dir = run_dir.name, str(run_dir.parent)
+    return resumed, ckpt
+
+
+# Copied from dmd.py: load_training_state
+def load_training_state(world, ckpt, optimizers, schedulers):
+    """Restore adapters, optimiser and scheduler states and RNG states from a checkpoint; returns the training state
+    (its "step", "ema" and the method's own counters)."""
+    state = torch.load(ckpt / "training_state.pt", map_location=world.device, weights_only=False)  # our own file
+    for role in world.adapter_roles:
+        world.load(role, ckpt / "raw" if role == "generator" and state["ema"] is not None else ckpt)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    for name, sched in schedulers.items():
+        sched.load_state_dict(state["schedulers"][name])
+    set_rng_state(state["rng"])
+    return state
+
+
+# Copied from dmd.py: read_history
+def read_history(run_dir, step):
+    """metrics.jsonl's records up to `step` (a resumed run rewrites what came after its checkpoint, so no record is
+    duplicated)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    kept = [r for r in records if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+# Copied from dmd.py: ema_update
+@torch.no_grad()
+def ema_update(ema, params, decay):
+    """Generator EMA: ema <- decay * ema + (1 - decay) * params, tensor by tensor (the fp32 adapter weights)."""
+    for e, p in zip(ema, params, strict=True):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
 # Copied from dmd.py: evaluate
 @torch.no_grad()
 def evaluate(world, sigmas, n, seed):
@@ -1008,30 +1335,60 @@ def evaluate(world, sigmas, n, seed):
     return outputs[-1], cond, world.evaluate(outputs[-1], cond, steps=outputs if len(outputs) > 1 else None)
 
 
+# Copied from dmd.py: provenance
+def provenance(device):
+    """What config.json records beside the options: the git commit, the package versions, the resolved device."""
+    import importlib.metadata as md
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "peft"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    return {"git_commit": commit, "versions": versions, "device": str(device)}
+
+
 def set_learning_rates(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
 def main(args, world=None):
-    """Run both stages. world: an already built world (tests, notebooks); default make_world(args)."""
+    """Run both stages (or, --resume, continue a run). world: an already built world (tests, notebooks)."""
+    ckpt = None
+    if args.resume is not None:
+        args, ckpt = resume_args(args, "dmdr")
     args = resolve_stage2(resolve_defaults(args))
     validate(args)
     rank, world_size, device = setup_distributed(args)
+    lead = rank == 0  # data parallel: rank 0 alone evaluates, logs and saves
+    run_dir = (Path(args.resume) if ckpt else run_dir_path(args, "dmdr")) if lead else None  # checked before any work
     torch.manual_seed(args.seed)
     world = configure_world(world if world is not None else make_world(args, device), args)
-    set_hps_prefix(world, args.hps_prefix)
     if world_size > 1:
         torch.manual_seed(args.seed + 1000 * rank)  # data parallel: each rank its own noise, prompts and levels
-    lead = rank == 0  # data parallel: rank 0 alone evaluates, logs and saves
-    run_dir = make_run_dir(args, "dmdr") if lead else None
-    if lead:
-        (run_dir / "config.json").write_text(json.dumps({"method": "dmdr", **asdict(args)}, indent=2))
     sigmas = student_sigmas(world, args.student_steps)
     opt_generator = torch.optim.AdamW(world.params("generator"), args.lr_generator, weight_decay=args.weight_decay_generator)
     opt_fake = torch.optim.AdamW(world.params("fake"), args.lr_fake, weight_decay=0.0)
-
-    history = []
+    optimizers = {"generator": opt_generator, "fake": opt_fake}  # their states carry stage 2's learning rates
+    ema = [p.detach().clone() for p in world.params("generator")] if args.ema_decay > 0 else None
+    first_step, history, ref_values = 1, [], None
+    if ckpt is not None:  # every rank restores the same adapters, optimiser states and DPO reference
+        state = load_training_state(world, ckpt, optimizers, {})
+        ema, first_step, ref_values = state["ema"], state["step"] + 1, state["ref_values"]
+        history = read_history(run_dir, state["step"]) if lead else []
+    if lead:  # a resumed run rewrites its config with the extended stages
+        run_dir.mkdir(parents=True, exist_ok=ckpt is not None)
+        (run_dir / "config.json").write_text(json.dumps({"method": "dmdr", **asdict(args), "provenance": provenance(device)},
+                                                        indent=2))
+        print(f"dmdr: {'resuming' if ckpt else 'run'} {run_dir} (from step {first_step})", file=sys.stderr)
     log = open(run_dir / "metrics.jsonl", "a") if lead else open(os.devnull, "w")
 
     def record(entry):
@@ -1039,15 +1396,24 @@ def main(args, world=None):
         log.write(json.dumps(entry) + "\n")
         log.flush()
 
-    if lead:
-        samples, _, metrics = evaluate_student(world, args, sigmas, args.eval_samples, args.seed + 1)
+    def training_state(step):  # the stage follows from the step; DPO's reference is taken at the switch
+        return {"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "schedulers": {},
+                "rng": rng_state(), "ref_values": ref_values}
+
+    def evaluation():
+        with swapped_params(world.params("generator"), ema) if ema is not None else contextlib.nullcontext():
+            return evaluate_student(world, args, sigmas, args.eval_samples, args.seed + 1)
+
+    samples = None
+    if lead and ckpt is None:
+        samples, _, metrics = evaluation()
         record({"step": 0, "stage": 0, **metrics})
-        save_checkpoint(world, run_dir, 0)
-    start = time.time()
+        save_checkpoint(world, run_dir, 0, training_state(0), ema)
+    start, shown, shown_losses = time.time(), {}, {}
     total = args.stage1_steps + args.stage2_steps
-    bar = tqdm(total=total, desc="dmdr stage 1", disable=not (args.progress and lead), dynamic_ncols=True)
-    ref_values = None
-    for step in range(1, total + 1):
+    bar = tqdm(total=total, initial=first_step - 1, desc=f"dmdr stage {1 if first_step <= args.stage1_steps else 2}",
+               disable=not (args.progress and lead), dynamic_ncols=True)
+    for step in range(first_step, total + 1):
         stage = 1 if step <= args.stage1_steps else 2
         if stage == 2 and step == args.stage1_steps + 1:
             what = "RL only" if not args.dmd else ("DMD only" if args.rl == "none" else "joint DMD + RL")
@@ -1065,23 +1431,27 @@ def main(args, world=None):
         except FloatingPointError as err:
             log.close()
             bar.close()
-            raise FloatingPointError(
-                f"{err} at step {step} (stage {stage}); stopped. The last good checkpoint is {run_dir / 'checkpoint'}"
-            ) from None
+            where = run_dir / "checkpoint" if lead else "rank 0's run directory"
+            raise FloatingPointError(f"{err} at step {step} (stage {stage}); stopped. The last good checkpoint is {where}"
+                                     ) from None
+        if ema is not None and step % args.ema_every == 0:
+            ema_update(ema, world.params("generator"), args.ema_decay)
         bar.update(1)
         if step % args.log_every == 0:
-            record({"step": step, "stage": stage, "time": time.time() - start, **losses})
-            bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k in ("dmd_loss", "rl_loss", "train_reward")})
+            scale_r = lora_scale_r(step - 1, args.lora_scale_r0, args.dynamic_steps) if args.dyna_dg else 0.0
+            record({"step": step, "stage": stage, "time": time.time() - start, "lr": opt_generator.param_groups[0]["lr"],
+                    "lora_scale_r": scale_r, **losses})
+            shown_losses = {k: f"{v:.3g}" for k, v in losses.items() if k in ("dmd_loss", "rl_loss", "train_reward")}
+            bar.set_postfix({**shown_losses, **shown})
         stage_end = step in (args.stage1_steps, total)
         if lead and (step % args.eval_every == 0 or stage_end):
-            samples, _, metrics = evaluate_student(world, args, sigmas, args.eval_samples, args.seed + 1)
+            samples, _, metrics = evaluation()
             record({"step": step, "stage": stage, "time": time.time() - start, **metrics})
+            shown = {"reward": f"{metrics['mean_reward']:.3f}"}
             if "energy_distance" in metrics:  # toy metrics; text-to-image worlds report rewards only
-                bar.set_postfix(ed=f"{metrics['energy_distance']:.4f}", reward=f"{metrics['mean_reward']:.3f}",
-                                logp=f"{metrics['teacher_logp']:.2f}")
-            else:
-                bar.set_postfix(reward=f"{metrics['mean_reward']:.3f}")
-            save_checkpoint(world, run_dir, step)
+                shown = {"ed": f"{metrics['energy_distance']:.4f}", **shown, "logp": f"{metrics['teacher_logp']:.2f}"}
+            bar.set_postfix({**shown_losses, **shown})  # the last evaluation's figures stay beside the losses
+            save_checkpoint(world, run_dir, step, training_state(step), ema)
         if lead and stage_end:
             world.plot_samples(samples, run_dir / f"samples_stage{stage}.png",
                                f"dmdr stage {stage}, {args.student_steps}-step student ({args.sampler}), step {step}")
@@ -1090,6 +1460,7 @@ def main(args, world=None):
     if not lead:  # data parallel: the other ranks stop here; rank 0 writes the figures
         return {"run_dir": None, "history": history, "final": history[-1] if history else {}, "world": world}
     if total == 0:
+        samples = samples if samples is not None else evaluation()[0]
         world.plot_samples(samples, run_dir / "samples_stage0.png", "dmdr, untrained student")
     world.plot_curves(history, ["dmd_loss", "fake_loss", "rl_loss", "mean_reward", "teacher_logp", "energy_distance"],
                       run_dir / "curves.png", "dmdr")
@@ -1099,5 +1470,68 @@ def main(args, world=None):
     return {"run_dir": run_dir, "history": history, "final": final, "world": world}
 
 
+# Copied from dmd.py: sectioned_args
+def sectioned_args(args_class):
+    """args_class as --help shows it: one group of options per `# ---- title ----` section of its body, each field's
+    docstring as its help, flags unprefixed (--num-steps, not --student-and-training.num-steps). A None default that
+    a preset fills is shown as the preset's (the help names each preset's value)."""
+    source = textwrap.dedent(inspect.getsource(args_class))
+    lines, body = source.splitlines(), ast.parse(source).body[0].body
+    hints = typing.get_type_hints(args_class, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(args_class)}
+    groups, title, seen = {}, "options", 0
+    for i, node in enumerate(body):
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        for line in lines[seen : node.lineno - 1]:  # a section comment since the previous field
+            if line.strip().startswith("# ----"):
+                title = line.strip().strip("#- ").strip()
+        seen = node.end_lineno
+        after = body[i + 1] if i + 1 < len(body) else None
+        doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""
+        f = fields[node.target.id]
+        hint = None  # tyro's "(default: X)"; None defaults that a preset fills say so; a help naming its default, nothing
+        if f.default is None and ("toy2d:" in doc or "preset" in doc or doc.startswith("text-to-image")):
+            hint = "" if "default" in doc else "(default: the preset's)"
+        annotated = Annotated[hints[f.name], tyro.conf.arg(help=" ".join(doc.split()), help_behavior_hint=hint)]
+        spec = (dataclasses.field(default=f.default) if f.default_factory is dataclasses.MISSING
+                else dataclasses.field(default_factory=f.default_factory))
+        groups.setdefault(title, []).append((f.name, annotated, spec))
+    outer = []
+    for title, group in groups.items():
+        name = "_".join(title.replace(":", " ").replace(",", " ").split())
+        section = dataclasses.make_dataclass(name, group)
+        section.__doc__ = ""
+        outer.append((name, Annotated[section, tyro.conf.OmitArgPrefixes], dataclasses.field(default_factory=section)))
+    return dataclasses.make_dataclass(args_class.__name__, outer)
+
+
+# Copied from dmd.py: parse_args
+def parse_args(args_class, argv=None):
+    """args_class from the command line (argv: sys.argv[1:]), parsed as its sectioned_args, flattened back."""
+    description = sys.modules[args_class.__module__].__doc__.split("\n")[0]
+    parsed = tyro.cli(sectioned_args(args_class), args=argv, description=description)
+    return args_class(**{k: v for group in dataclasses.fields(parsed) for k, v in vars(getattr(parsed, group.name)).items()})
+
+
+# Copied from dmd.py: cli
+def cli(main, args_class):
+    """The command line: a validation error (bad input, caught before any work) prints `error: <message>` on one line
+    and exits 2; any other failure keeps its traceback. --help lists the options by section (sectioned_args)."""
+    args = parse_args(args_class)
+    method = Path(sys.argv[0]).stem
+    try:
+        checked = dataclasses.replace(args)  # resolve_defaults fills in place: check a copy, run the original
+        if checked.resume is not None:
+            checked, _ = resume_args(checked, method)
+        validate(resolve_defaults(checked))
+        if checked.resume is None and int(os.environ.get("RANK", "0")) == 0:
+            run_dir_path(checked, method)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    main(args)
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli(main, Args)

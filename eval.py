@@ -13,9 +13,10 @@ What it does, for every run directory:
        the method's own validate() checks the values;
     2. builds a fresh world with that method file's own make_world and loads the trained generator from checkpoint/
        (world.load; a run without one is a clear error);
-    3. samples the K-step student with that method file's own sampler (dmd, dmdr, gdmd: the DMD2 multi-step sampler
-       `sample_student(world, cond, sigmas, noise)`; rtdmd: its CPS sampler at the run's eta), so eval measures the
-       student the method trained, not a re-implementation of it;
+    3. samples the K-step student with that method file's own sampler (dmd, gdmd: the DMD2 multi-step sampler
+       `sample_student(world, cond, sigmas, noise)`; dmdr: its rollout with the run's --sampler, sde = DMD2's or the
+       authors' deterministic ode, on the world as dmdr.configure_world sets it (--shift); rtdmd: its CPS sampler at the
+       run's eta), so eval measures the student the method trained, not a re-implementation of it;
     4. measures it (toy): energy distance to the teacher and to the exact reward-tilted teacher p exp(beta r) / Z, each
        with its noise floor (the value a perfect student reaches on average at this sample size, so distance / floor
        ~ 1 means "indistinguishable"), modes covered, worst mode-mass error, off-manifold fraction, mean reward, mean
@@ -233,11 +234,14 @@ def check_args(args):
 
 
 def load_run(run_dir, device="cpu", allow_new_options=False):
-    """check_run, then a fresh world built by the method file's own make_world with the trained generator loaded
-    (world.load) and the checkpoint's step. Text-to-image worlds load their weights from the run's --model-path."""
+    """check_run, then a fresh world built by the method file's own make_world (and configured by its configure_world,
+    where it has one: dmdr's --shift and --hps-prefix) with the trained generator loaded (world.load) and the
+    checkpoint's step. Text-to-image worlds load their weights from the run's --model-path."""
     run = check_run(run_dir, allow_new_options)
     ckpt = run["checkpoint"]
     world = run["module"].make_world(run["args"], device)
+    if hasattr(run["module"], "configure_world"):
+        world = run["module"].configure_world(world, run["args"])
     world.load("generator", ckpt)
     state = ckpt / "state.json"
     run["step"] = json.loads(state.read_text())["step"] if state.exists() else None
@@ -264,11 +268,15 @@ def sample_run(run, n, seed):
 @torch.no_grad()
 def sample_run_from(run, cond, noise, gen):
     """The method's own K-step student sampler from given conditions and noise: rtdmd's CPS sampler at the run's eta
-    on the levels [t_0, ..., t_K = 0]; dmd, dmdr, gdmd: DMD2's multi-step sampler."""
+    on the levels [t_0, ..., t_K = 0]; dmdr: its rollout with the run's sampler (sde draws from gen as DMD2's
+    sampler does, ode is deterministic), as its evaluate_student samples; dmd, gdmd: DMD2's multi-step sampler."""
     world, args, module = run["world"], run["args"], run["module"]
     if run["method"] == "rtdmd":
         schedule = module.student_schedule(world, args.student_steps)
         return module.sample_student(world, cond, schedule, args.eta, noise, generator=gen)
+    if run["method"] == "dmdr":
+        sigmas = module.student_sigmas(world, args.student_steps)
+        return module.rollout(world, cond, sigmas, noise, sampler=args.sampler, generator=gen)[0]
     return module.sample_student(world, cond, module.student_sigmas(world, args.student_steps), noise, generator=gen)
 
 
@@ -312,6 +320,13 @@ def toy_metrics(world, samples, cond, beta=None, reference_size=4000, seed=1234)
     return out
 
 
+def sampler_name(run):
+    """The student sampler eval.py uses for a run: cps (rtdmd), ode (a dmdr run trained with --sampler ode), or dmd2."""
+    if run["method"] == "rtdmd":
+        return "cps"
+    return "ode" if run["method"] == "dmdr" and run["args"].sampler == "ode" else "dmd2"
+
+
 def evaluate_run(run_dir, samples=None, seed=None, beta=None, device="cpu", allow_new_options=False, t2i_options=None):
     """Load a run directory, sample its student and measure it. Returns (result dict, samples, cond, run).
     Toy: toy_metrics. Text-to-image: t2i_metrics with t2i_options (a dict of its keyword arguments)."""
@@ -321,7 +336,7 @@ def evaluate_run(run_dir, samples=None, seed=None, beta=None, device="cpu", allo
     seed = seed if seed is not None else args.seed + 1  # the run's own evaluation noise (see the methods' evaluate)
     result = {
         "run_dir": str(run["run_dir"]), "name": run["run_dir"].name, "method": run["method"], "model": args.model,
-        "step": run["step"], "student_steps": args.student_steps, "sampler": "cps" if run["method"] == "rtdmd" else "dmd2",
+        "step": run["step"], "student_steps": args.student_steps, "sampler": sampler_name(run),
         "samples": n, "seed": seed,
     }
     if run["options_defaulted"]:

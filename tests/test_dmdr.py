@@ -393,23 +393,31 @@ def test_dpo_loss_by_hand():
     assert float(dmdr.dpo_loss(e, e.flip(0), e, e.flip(0), beta=3.0)) == pytest.approx(math.log(2), rel=1e-6)
 
 
-def test_dpo_rl_loss_reference_swap(tmp_path):
-    """With the reference equal to the current generator the DPO loss is exactly log 2, the generator's parameters
-    are restored after the swap, and a different reference changes the loss."""
-    args = make_args(tmp_path)
+def test_dpo_pairs_and_the_reference_swap(tmp_path):
+    """dpo_batch: each group's winner is its best rollout and the loser its worst; with the reference equal to the current
+    generator the DPO loss is exactly log 2; the generator's parameters are restored after the reference's pass, a
+    different reference changes the loss, and the policy branch carries the gradient."""
+    args = make_args(tmp_path, student_steps=4, rl="dpo", group_size=4)
     world = build_world(args)
-    perturb(world, "generator")
+    perturb(world, "generator", 0.1)
     sigmas = dmdr.student_sigmas(world, 4)
     before = [p.detach().clone() for p in world.params("generator")]
-    x_w, x_l = torch.randn(16, 2), torch.randn(16, 2)
-    cond = world.sample_cond(16)
-    loss_same = dmdr.dpo_rl_loss(world, cond, x_w, x_l, sigmas, before, beta=1.0)
+    cond = world.sample_cond(4).repeat_interleave(4)  # 4 groups of 4
+    torch.manual_seed(1)
+    pairs, reward = dmdr.dpo_batch(world, args, cond, sigmas, before)
+    r = reward.reshape(4, 4)
+    with torch.no_grad():
+        assert torch.allclose(world.reward(pairs["x_w"], pairs["cond"]), r.max(1).values, rtol=0, atol=1e-6)
+        assert torch.allclose(world.reward(pairs["x_l"], pairs["cond"]), r.min(1).values, rtol=0, atol=1e-6)
+    loss_same = dmdr.dpo_chunk_loss(world, args, pairs, sigmas, slice(0, 4))
     assert loss_same.item() == pytest.approx(math.log(2), abs=1e-6)
-    zeros = [torch.zeros_like(p) for p in before]
-    loss_other = dmdr.dpo_rl_loss(world, cond, x_w, x_l, sigmas, zeros, beta=1.0)
-    assert abs(loss_other.item() - math.log(2)) > 1e-3
+    torch.manual_seed(1)
+    other, _ = dmdr.dpo_batch(world, args, cond, sigmas, [torch.zeros_like(p) for p in before])
     for p, q in zip(world.params("generator"), before):
         assert torch.equal(p, q)
+    assert torch.equal(other["x_w"], pairs["x_w"])  # the same rollouts: only the reference differs
+    loss_other = dmdr.dpo_chunk_loss(world, args, other, sigmas, slice(0, 4))
+    assert abs(loss_other.item() - math.log(2)) > 1e-3
     loss_other.backward()  # the policy branch carries the gradient
     assert any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in world.params("generator"))
 
@@ -467,9 +475,9 @@ def test_stage2_has_its_own_batch_size_and_learning_rates(tmp_path, monkeypatch)
     seen = []
     real_step = dmdr.generator_update
 
-    def spy(world, args, loss, opt):
+    def spy(world, args, opt):
         seen.append((opt.param_groups[0]["lr"], len(world._last_cond)))
-        return real_step(world, args, loss, opt)
+        return real_step(world, args, opt)
 
     real_cond = toy2d.ToyWorld.sample_cond
 

@@ -167,7 +167,7 @@ def test_eval_reproduces_the_runs_own_last_evaluation(tiny_runs, method):
     result, x, _, _ = ev.evaluate_run(run_dir)
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert result["method"] == method and result["step"] == 4 and x.shape == (300, 2)
-    assert result["sampler"] == ("cps" if method == "rtdmd" else "dmd2")
+    assert result["sampler"] == ("cps" if method == "rtdmd" else "dmd2")  # the tiny dmdr run's sampler is sde
     for key in ("energy_distance", "energy_floor", "modes_covered", "mean_reward", "teacher_logp",
                 "energy_distance_tilted"):
         if key in last:
@@ -416,6 +416,35 @@ def test_eval_runs_the_methods_validate_on_the_config(tiny_runs, tmp_path):
     (run / "config.json").write_text(json.dumps({**config, "student_steps": 0}))
     with pytest.raises(ValueError, match="dmd.py's validate refuses this config: student_steps must be in 1..8"):
         ev.check_run(run)
+
+
+def test_a_dmdr_run_is_sampled_with_its_own_sampler_on_its_configured_world(tmp_path):
+    """A dmdr run trained with the authors' ode sampler at --shift 2: eval.py rebuilds the world through
+    dmdr.configure_world (the shift moves the student's levels) and samples with dmdr.rollout at the run's sampler, so it
+    reproduces the run's last evaluation exactly. DMD2's sde sampler on the same checkpoint, or the unshifted levels,
+    give other samples (checked, so that the reproduction is not an accident of this tiny run)."""
+    import dmdr
+
+    out = dmdr.main(dmdr.Args(run_name="ode", student_steps=2, sampler="ode", shift=2.0, stage1_steps=3, stage2_steps=0,
+                              dynamic_steps=3, batch_size=32, fake_updates_per_step=1, eval_every=3, eval_samples=300,
+                              seed=3, output_dir=str(tmp_path), progress=False))
+    result, x, cond, run = ev.evaluate_run(out["run_dir"])
+    last = out["history"][-1]
+    assert result["sampler"] == "ode" and run["world"].shift == 2.0
+    for key in ("energy_distance", "mean_reward", "teacher_logp"):
+        assert result[key] == pytest.approx(last[key], rel=1e-9, abs=1e-12), key
+    gen = torch.Generator().manual_seed(4)
+    c = run["world"].sample_cond(300, gen)
+    noise = run["world"].noise(c, gen)
+    sde = run["module"].sample_student(run["world"], c, dmdr.student_sigmas(run["world"], 2), noise, generator=gen)
+    unshifted = dmdr.rollout(run["world"], c, [1.0, 0.5], noise, sampler="ode")[0]
+    assert not torch.allclose(sde, x, atol=1e-3) and not torch.allclose(unshifted, x, atol=1e-3)
+    # a hand-edited dmdr config is refused by dmdr.py's own validate
+    run_dir = copy_run(out["run_dir"], tmp_path / "edited")
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "shift": 0.0}))
+    with pytest.raises(ValueError, match="dmdr.py's validate refuses this config: shift must be > 0"):
+        ev.check_run(run_dir)
 
 
 def test_toy_checkpoints_load_tensors_only(tmp_path):
