@@ -129,6 +129,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import shutil
 import sys
@@ -1214,6 +1215,17 @@ def rng_state():
             "python": random.getstate()}
 
 
+# Copied from dmd.py: gathered_rng_states
+def gathered_rng_states():
+    """[rank 0's rng_state(), rank 1's, ...] on every rank (a collective under torchrun: every rank calls it). Each rank
+    draws its own noise, so a checkpoint keeps every rank's stream, not rank 0's alone."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [rng_state()]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
 # Copied from dmd.py: set_rng_state
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
@@ -1291,8 +1303,8 @@ def resume_args(args, method):
 
 # Copied from dmd.py: load_training_state
 def load_training_state(world, ckpt, optimizers, schedulers):
-    """Restore adapters, optimiser and scheduler states and RNG states from a checkpoint; returns the training state
-    (its "step", "ema" and the method's own counters)."""
+    """Restore adapters, optimiser and scheduler states and this rank's RNG states from a checkpoint; returns the
+    training state (its "step", "ema" and the method's own counters)."""
     state = torch.load(ckpt / "training_state.pt", map_location=world.device, weights_only=False)  # our own file
     for role in world.adapter_roles:
         world.load(role, ckpt / "raw" if role == "generator" and state["ema"] is not None else ckpt)
@@ -1300,7 +1312,13 @@ def load_training_state(world, ckpt, optimizers, schedulers):
         opt.load_state_dict(state["optimizers"][name])
     for name, sched in schedulers.items():
         sched.load_state_dict(state["schedulers"][name])
-    set_rng_state(state["rng"])
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    if len(state["rng"]) != world_size:
+        raise ValueError(f"{ckpt} was saved by {len(state['rng'])} process(es), and this run has {world_size}: resume "
+                         f"it with as many (torchrun --nproc-per-node {len(state['rng'])}), so every rank's noise "
+                         f"continues")
+    set_rng_state(state["rng"][rank])
     return state
 
 
@@ -1396,19 +1414,21 @@ def main(args, world=None):
         log.write(json.dumps(entry) + "\n")
         log.flush()
 
-    def training_state(step):  # the stage follows from the step; DPO's reference is taken at the switch
+    def training_state(step, rng_states):  # the stage follows from the step; DPO's reference is taken at the switch
         return {"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "schedulers": {},
-                "rng": rng_state(), "ref_values": ref_values}
+                "rng": rng_states, "ref_values": ref_values}
 
     def evaluation():
         with swapped_params(world.params("generator"), ema) if ema is not None else contextlib.nullcontext():
             return evaluate_student(world, args, sigmas, args.eval_samples, args.seed + 1)
 
     samples = None
-    if lead and ckpt is None:
-        samples, _, metrics = evaluation()
-        record({"step": 0, "stage": 0, **metrics})
-        save_checkpoint(world, run_dir, 0, training_state(0), ema)
+    if ckpt is None:
+        rng_states = gathered_rng_states()  # every rank's (a collective)
+        if lead:
+            samples, _, metrics = evaluation()
+            record({"step": 0, "stage": 0, **metrics})
+            save_checkpoint(world, run_dir, 0, training_state(0, rng_states), ema)
     start, shown, shown_losses = time.time(), {}, {}
     total = args.stage1_steps + args.stage2_steps
     bar = tqdm(total=total, initial=first_step - 1, desc=f"dmdr stage {1 if first_step <= args.stage1_steps else 2}",
@@ -1444,14 +1464,16 @@ def main(args, world=None):
             shown_losses = {k: f"{v:.3g}" for k, v in losses.items() if k in ("dmd_loss", "rl_loss", "train_reward")}
             bar.set_postfix({**shown_losses, **shown})
         stage_end = step in (args.stage1_steps, total)
-        if lead and (step % args.eval_every == 0 or stage_end):
-            samples, _, metrics = evaluation()
-            record({"step": step, "stage": stage, "time": time.time() - start, **metrics})
-            shown = {"reward": f"{metrics['mean_reward']:.3f}"}
-            if "energy_distance" in metrics:  # toy metrics; text-to-image worlds report rewards only
-                shown = {"ed": f"{metrics['energy_distance']:.4f}", **shown, "logp": f"{metrics['teacher_logp']:.2f}"}
-            bar.set_postfix({**shown_losses, **shown})  # the last evaluation's figures stay beside the losses
-            save_checkpoint(world, run_dir, step, training_state(step), ema)
+        if step % args.eval_every == 0 or stage_end:
+            rng_states = gathered_rng_states()  # every rank's (a collective); evaluation draws from its own generator
+            if lead:
+                samples, _, metrics = evaluation()
+                record({"step": step, "stage": stage, "time": time.time() - start, **metrics})
+                shown = {"reward": f"{metrics['mean_reward']:.3f}"}
+                if "energy_distance" in metrics:  # toy metrics; text-to-image worlds report rewards only
+                    shown = {"ed": f"{metrics['energy_distance']:.4f}", **shown, "logp": f"{metrics['teacher_logp']:.2f}"}
+                bar.set_postfix({**shown_losses, **shown})  # the last evaluation's figures stay beside the losses
+                save_checkpoint(world, run_dir, step, training_state(step, rng_states), ema)
         if lead and stage_end:
             world.plot_samples(samples, run_dir / f"samples_stage{stage}.png",
                                f"dmdr stage {stage}, {args.student_steps}-step student ({args.sampler}), step {step}")
@@ -1499,7 +1521,7 @@ def sectioned_args(args_class):
         groups.setdefault(title, []).append((f.name, annotated, spec))
     outer = []
     for title, group in groups.items():
-        name = "_".join(title.replace(":", " ").replace(",", " ").split())
+        name = re.sub(r"[^0-9A-Za-z]+", "_", title).strip("_")  # an identifier; tyro shows it with "-" for "_"
         section = dataclasses.make_dataclass(name, group)
         section.__doc__ = ""
         outer.append((name, Annotated[section, tyro.conf.OmitArgPrefixes], dataclasses.field(default_factory=section)))

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import dmd
+import dmdr
 import gdmd
+import rtdmd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +116,7 @@ def test_cli(tmp_path):
     assert (tmp_path / "cli" / "samples.png").exists()
 
 
-@pytest.mark.parametrize("module", [dmd, gdmd], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [dmd, dmdr, rtdmd, gdmd], ids=lambda m: m.__name__)
 def test_help_groups_the_options_by_the_sections_of_args(module):
     """--help shows one group per `# ---- title ----` comment of Args, in order, every field in the group of the
     section it is written under, with its docstring; parsing through the groups gives the flat Args back."""
@@ -135,10 +137,10 @@ def test_help_groups_the_options_by_the_sections_of_args(module):
     got = [(g.type.__origin__.__name__, [f.name for f in dataclasses.fields(g.type.__origin__)]) for g in groups]
     assert [(re.sub(r"[^0-9A-Za-z]+", "_", t).strip("_"), n) for t, n in expected] == got
     assert [n for _, names in got for n in names] == [f.name for f in dataclasses.fields(module.Args)]
-    argv = ["--num-steps", "7", "--toy-reward-target", "1", "-2", "--no-gradient-checkpointing", "--toy-path", "vp",
+    argv = ["--seed", "7", "--toy-reward-target", "1", "-2", "--no-gradient-checkpointing", "--toy-mixture", "grid25",
             "--micro-batch-size", "4"]
-    assert module.parse_args(module.Args, argv) == module.Args(num_steps=7, toy_reward_target=(1.0, -2.0),
-                                                              gradient_checkpointing=False, toy_path="vp",
+    assert module.parse_args(module.Args, argv) == module.Args(seed=7, toy_reward_target=(1.0, -2.0),
+                                                              gradient_checkpointing=False, toy_mixture="grid25",
                                                               micro_batch_size=4)
     assert module.parse_args(module.Args, []) == module.Args()
     help_text = subprocess.run([sys.executable, f"{module.__name__}.py", "--help"], cwd=REPO, capture_output=True,
@@ -146,4 +148,4 @@ def test_help_groups_the_options_by_the_sections_of_args(module):
     positions = [help_text.index(f"─ {t.replace('_', '-')} options") for t, _ in got]
     assert positions == sorted(positions)
     run_at = positions[[t for t, _ in got].index("run")]
-    assert positions[0] < help_text.index("--num-steps ") < run_at < help_text.index("--seed ")
+    assert positions[0] < help_text.index("--student-steps ") < run_at < help_text.index("--seed ")
