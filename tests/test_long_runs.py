@@ -1,4 +1,5 @@
-"""Long runs, on the toy, for dmd.py and gdmd.py (the files on dmd.py's plumbing; dmdr.py and rtdmd.py follow):
+"""Long runs, on the toy, for dmd.py and gdmd.py (dmdr.py and rtdmd.py: tests/test_long_runs_dmdr.py, _rtdmd.py;
+under torchrun: tests/test_distributed.py):
   * exact resume: 30 updates, a stop and `--resume RUN_DIR --num-steps 60` equal 60 uninterrupted updates (constant lr),
     weights and metrics identical; a run killed mid-way and resumed with its own arguments equals the uninterrupted run
     under a cosine schedule; metrics.jsonl has no duplicated record;
