@@ -861,18 +861,21 @@ def rl_update(world, args, schedule, opt_generator, opt_fake, tilted=None):
             if not (final_step or (policy and args.reward_backprop)):
                 continue
             x0_last = world.x0("generator", states[-1][r], schedule[-2], cond[r])  # the deterministic step, with grad
-            loss = x0_last.new_zeros(())
+            # L_det (through the decode and the reward) and AC-DMD (through the teacher and fake) each back-propagate
+            # to a detached copy of the output, one graph at a time; then the step's own backward takes their sum.
+            out = x0_last.detach().requires_grad_(True)
             if policy and args.reward_backprop:
-                det = det_surrogate(world, x0_last, cond[r], args.det_weight, args.det_margin).sum() / n
-                loss = loss - args.beta * det
+                det = det_surrogate(world, out, cond[r], args.det_weight, args.det_margin).sum() / n
+                check_finite(det, "rl_loss")
+                (-args.beta * det).backward()
                 det_total += det.item()
             if final_step:
-                dm = acdmd_generator_loss(world, x0_last, 0.0, cond[r], sigma_t[r], eps[r], None, args.guidance_scale,
+                dm = acdmd_generator_loss(world, out, 0.0, cond[r], sigma_t[r], eps[r], None, args.guidance_scale,
                                           args.eta, args.dm_scale, tilted) * (rows / n)
-                loss = loss + args.dm_weight_rl * dm
+                check_finite(dm, "dm_loss")
+                (args.dm_weight_rl * dm).backward()
                 dm_total += dm.item()
-            check_finite(loss, "rl_loss")
-            loss.backward()
+            x0_last.backward(out.grad)
         if not final_step:
             dm_total, fake, cons, k = dm_fresh_batch(world, args, schedule, opt_fake, tilted)
             logs.update(fake_loss=fake, consistency=cons, student_step=k)
