@@ -12,6 +12,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 TEACHER_STYLE = dict(colors="0.55", linewidths=0.8, linestyles="solid")
 TILTED_STYLE = dict(colors="tab:red", linewidths=0.8, linestyles="dashed")
 CURVE_COLUMNS = 3  # panels per row of a curves figure
+CURVE_TITLES = {  # a metric key whose name alone does not say where its samples come from
+    "reward": "reward (training rollouts)", "train_reward": "reward (training batch)",
+    "mean_reward": "mean reward (evaluation)", "teacher_logp": "teacher log-density (evaluation)",
+}
 
 
 def _contours(ax, mixture, limit, **style):
@@ -140,7 +144,7 @@ def curves_figure(history, keys, title="", stage_boundaries=None):
     for ax, key in zip(axes.flat, keys):
         pts = [(r["step"], r[key]) for r in history if key in r]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", ms=3, lw=1, color="tab:blue")
-        ax.set_title(key, fontsize=9)
+        ax.set_title(CURVE_TITLES.get(key, key), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         if key.startswith("energy_distance"):
