@@ -129,7 +129,8 @@ class Args:
     resolution: Optional[int] = None
     """image size in pixels (default: the preset's on CUDA, 512; 128 on CPU)"""
     batch_size: Optional[int] = None
-    """batch_size of every method (default: each method's own on CUDA, 8 for the SD3 presets; 2 on CPU)"""
+    """every iteration's batch: batch_size, and dmdr's stage2_batch_size (default: each method's own on CUDA, 8 for the SD3
+    presets, dmdr's stage 2 4; 2 on CPU). RTDMD's RL rollout is --set rtdmd.groups=G rtdmd.group_size=M"""
     vae: Literal["real", "light"] = "real"
     """real: the SD3 VAE config (fp32, as the world decodes); light: 8 channels a level (decode cost ~0)"""
     reward_models: Optional[Literal["real", "tiny"]] = None
@@ -612,6 +613,16 @@ def forward_backward_memory(world, n, memory):
 # =====================================================================================================
 
 
+def iteration_batch(method, args):
+    """The samples one iteration of `method` trains on: dmdr's stage 2 its stage2_batch_size, RTDMD's RL stage its
+    groups x group_size, every other its batch_size."""
+    if method == "dmdr-stage2" and args.stage2_batch_size:
+        return args.stage2_batch_size
+    if method == "rtdmd-rl":
+        return args.groups * args.group_size
+    return args.batch_size
+
+
 def measure(method, base, overrides, bench, memory, full=True, world_hook=None):
     """One row: the method's iteration timed, its passes replayed (full), its memory. world_hook(world) may change the
     world the method built (the autocast row). Errors (out of memory, a non-finite loss) are a row's status."""
@@ -619,7 +630,7 @@ def measure(method, base, overrides, bench, memory, full=True, world_hook=None):
     world = None
     try:
         mod, args, applied, absent = method_args(method, base, overrides)
-        row.update(module=mod.__name__, batch_size=args.batch_size, applied=applied, not_applicable=absent)
+        row.update(module=mod.__name__, batch_size=iteration_batch(method, args), applied=applied, not_applicable=absent)
         memory.settle()
         world, row["world_s"] = timed(lambda: make_world(mod, args), bench.device)
         if world_hook is not None:
@@ -1060,8 +1071,9 @@ def main(bench, command=None):
                 resolution=bench.resolution, device=bench.device,
                 reward_checkpoints=f"clip={clip_l},pickscore={clip_h},pickscore-processor={clip_h}")
     overrides = {}
-    if bench.batch_size is not None:
+    if bench.batch_size is not None:  # every iteration's batch: dmdr's stage 2 has its own (the authors': 4 on SD3-M)
         overrides["batch_size"] = bench.batch_size
+        overrides["dmdr.stage2_batch_size"] = bench.batch_size
     for item in bench.set:
         field, _, value = item.partition("=")
         if not value:

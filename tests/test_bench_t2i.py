@@ -66,7 +66,9 @@ def test_every_row_is_finite(result):
         assert r["flops_iteration"] > 0 and r["peak"] > 0 and r["floor"] > 0 and r["fb"] > 0
         assert r["peak"] >= r["floor"] or r["peak"] > 0.9 * r["floor"]  # RSS: the peak of the timed iterations
         assert r["applied"] == {"batch_size": 2, "fake_updates_per_step": 1,
-                                **({"groups": 1, "group_size": 2} if r["module"] == "rtdmd" else {})}
+                                **({"groups": 1, "group_size": 2} if r["module"] == "rtdmd" else {}),
+                                **({"stage2_batch_size": 2} if r["module"] == "dmdr" else {})}
+        assert r["batch_size"] == 2  # every iteration's batch, dmdr's stage 2 and RTDMD's RL rollout (1 x 2) too
     s = result["sampling"]
     assert finite(s["student_s"], s["teacher_s"], s["decode_s"], s["speedup"]) and s["speedup"] > 1
     assert s["nfe_teacher"] == 56 and s["nfe_student"] == 4 and s["nfe_ratio"] == 14  # 28 steps x CFG; K = 4
