@@ -251,7 +251,7 @@ class Args:
     """trajectories per group N (toy2d: 16; authors: SD3-M 16, SD3.5-M 24)"""
     subset_size: Optional[int] = None
     """SubGRPO: M stochastic steps per group with independent noise, 1 <= M <= K - 1 (default: min(2, K - 1), derived
-    from K, not a preset: 2 at the default K = 4, the paper's; 1 at K = 2)"""
+    from K, not a preset: 2 at the default K = 4, the paper's; 1 at K = 2). Unused with --naive-grpo (all K - 1)"""
     naive_grpo: bool = False
     """naive GRPO: independent noise at every step, all K - 1 steps in the estimator (appendix H)"""
     reward_backprop: bool = True
