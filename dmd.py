@@ -981,6 +981,8 @@ def cli(main, args_class):
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     main(args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # join the backend's threads before exit (gloo may abort otherwise)
 
 
 if __name__ == "__main__":
