@@ -1268,11 +1268,10 @@ def find_checkpoint(run_dir):
     return None
 
 
-def resume_args(args, method):
-    """--resume RUN_DIR: that run's own config (the run continues in its own directory), extended by a larger
-    --stage2-steps, or a larger --stage1-steps while the run is still in stage 1 (dmd.py's resume_args extends its one
-    num_steps; dmdr's learning rates are constant within each stage, so either extension is exact). Returns (args,
-    checkpoint directory)."""
+# Copied from dmd.py: read_run
+def read_run(args, method):
+    """--resume RUN_DIR: (that run's own Args from its config.json, pointing back at its own directory; its last
+    complete checkpoint). resume_args then applies what the command line may extend."""
     run_dir = Path(args.resume)
     config_path = run_dir / "config.json"
     if not config_path.exists():
@@ -1286,6 +1285,16 @@ def resume_args(args, method):
     known = {f.name for f in dataclasses.fields(args)}
     resumed = type(args)(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in known})
     resumed.resume, resumed.progress = str(run_dir), args.progress
+    resumed.run_name, resumed.output_dir = run_dir.name, str(run_dir.parent)
+    return resumed, ckpt
+
+
+def resume_args(args, method):
+    """--resume RUN_DIR: that run's own config (the run continues in its own directory), extended by a larger
+    --stage2-steps, or a larger --stage1-steps while the run is still in stage 1 (dmd.py's resume_args extends its one
+    num_steps; dmdr's learning rates are constant within each stage, so either extension is exact). Returns (args,
+    checkpoint directory)."""
+    resumed, ckpt = read_run(args, method)
     for name in ("stage1_steps", "stage2_steps"):
         given, own = getattr(args, name), getattr(resumed, name)
         if given is None or given == own:
@@ -1294,10 +1303,9 @@ def resume_args(args, method):
             raise ValueError(f"--{name.replace('_', '-')} {given} is below the run's {own}: a run is only extended")
         step = json.loads((ckpt / "state.json").read_text())["step"]
         if name == "stage1_steps" and step > own:
-            raise ValueError(f"--resume {run_dir} --stage1-steps {given}: the run is in stage 2 (step {step}); its "
+            raise ValueError(f"--resume {args.resume} --stage1-steps {given}: the run is in stage 2 (step {step}); its "
                              f"stage 1 ended at {own}. Extend stage 2 with --stage2-steps")
         setattr(resumed, name, given)
-    resumed.run_name, resumed.output_dir = run_dir.name, str(run_dir.parent)
     return resumed, ckpt
 
 

@@ -1284,10 +1284,10 @@ def find_checkpoint(run_dir):
     return None
 
 
-# Copied from dmd.py: resume_args
-def resume_args(args, method):
-    """--resume RUN_DIR: that run's own config (the run continues in its own directory), with --num-steps raised if
-    given. Returns (args, checkpoint directory)."""
+# Copied from dmd.py: read_run
+def read_run(args, method):
+    """--resume RUN_DIR: (that run's own Args from its config.json, pointing back at its own directory; its last
+    complete checkpoint). resume_args then applies what the command line may extend."""
     run_dir = Path(args.resume)
     config_path = run_dir / "config.json"
     if not config_path.exists():
@@ -1301,15 +1301,23 @@ def resume_args(args, method):
     known = {f.name for f in dataclasses.fields(args)}
     resumed = type(args)(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in known})
     resumed.resume, resumed.progress = str(run_dir), args.progress
+    resumed.run_name, resumed.output_dir = run_dir.name, str(run_dir.parent)
+    return resumed, ckpt
+
+
+# Copied from dmd.py: resume_args
+def resume_args(args, method):
+    """--resume RUN_DIR: that run's own config (the run continues in its own directory), with --num-steps raised if
+    given. Returns (args, checkpoint directory)."""
+    resumed, ckpt = read_run(args, method)
     if args.num_steps is not None and args.num_steps != resumed.num_steps:
         schedule = getattr(resumed, "lr_schedule", "constant")
         if schedule != "constant":
-            raise ValueError(f"--resume {run_dir} --num-steps {args.num_steps}: its {schedule} lr schedule is "
+            raise ValueError(f"--resume {args.resume} --num-steps {args.num_steps}: its {schedule} lr schedule is "
                              f"fixed by num_steps ({resumed.num_steps}); only a constant-lr run can be extended")
         if args.num_steps < resumed.num_steps:
             raise ValueError(f"--num-steps {args.num_steps} is below the run's {resumed.num_steps}: a run is only extended")
         resumed.num_steps = args.num_steps
-    resumed.run_name, resumed.output_dir = run_dir.name, str(run_dir.parent)
     return resumed, ckpt
 
 
