@@ -831,8 +831,7 @@ def rl_update(world, args, schedule, opt_generator, opt_fake, tilted=None):
     states, x0, old_logps = rollout(world, cond, schedule, args.eta, x_start, noises, args.micro_batch_size,
                                     args.log_prob)
     with torch.no_grad():
-        parts = [reward_terms(world, x0[r], cond[r]) for r in micro_batches(n, args.micro_batch_size)]  # chunked decode
-        terms = [(parts[0][i][0], torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
+        terms = reward_terms(world, x0, cond)  # the text-to-image world decodes in chunks of micro_batch_size
         rewards = sum(w * s for w, s in terms)
     logs = {"reward": rewards.mean().item()}
     if final_step:  # the fake tracks the rollout's clean samples (the authors: once per update, before the advantages)
