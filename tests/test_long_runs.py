@@ -22,25 +22,10 @@ import torch
 import dmd
 import gdmd
 import toy2d
+from run_records import records, same_weights, strip_time, weights
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(batch_size=32, eval_samples=300, log_every=5, progress=False, lr_schedule="constant")
-
-
-def weights(world):
-    return {role: [p.detach().clone() for p in world.params(role)] for role in world.adapter_roles}
-
-
-def same_weights(a, b):
-    return a.keys() == b.keys() and all(torch.equal(x, y) for r in a for x, y in zip(a[r], b[r], strict=True))
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def strip_time(rs):
-    return [{k: v for k, v in r.items() if k != "time"} for r in rs]
 
 
 # ---------------------------------------------------------------------------------------------------------------

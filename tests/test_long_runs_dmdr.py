@@ -25,6 +25,7 @@ import torch
 import dmd
 import dmdr
 import toy2d
+from run_records import records, same_weights, strip_time, weights
 
 REPO = Path(__file__).resolve().parents[1]
 # 20 + 20 updates: DynaDG and DynaRS anneal over 30 (across the switch), stage 2 is joint DMD + DPO at its own rates
@@ -39,23 +40,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def weights(world):
-    return {role: [p.detach().clone() for p in world.params(role)] for role in world.adapter_roles}
-
-
-def same_weights(a, b):
-    return a.keys() == b.keys() and all(torch.equal(x, y) for r in a for x, y in zip(a[r], b[r], strict=True))
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def strip_time(rs):
-    """Records without wall time; NaN (a mode width of a mode no sample reached) as a string, so that == compares it."""
-    return [{k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items() if k != "time"} for r in rs]
 
 
 def same_checkpoints(a, b):

@@ -21,28 +21,13 @@ import torch
 
 import rtdmd
 import toy2d
+from run_records import records, same_weights, strip_time, weights
 
 REPO = Path(__file__).resolve().parents[1]
 # 20 cold-start + 20 RL updates; the stage 2 EMA fires every 4th update, so it fires across every stop point
 SMALL = dict(batch_size=32, groups=4, group_size=4, fake_updates_per_step=2, eval_samples=300, log_every=5, eval_every=10,
              ema_every_rl=4, progress=False)
 COLD, RL = 20, 20
-
-
-def weights(world):
-    return {role: [p.detach().clone() for p in world.params(role)] for role in world.adapter_roles}
-
-
-def same_weights(a, b):
-    return a.keys() == b.keys() and all(torch.equal(x, y) for r in a for x, y in zip(a[r], b[r], strict=True))
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def strip_time(rs):
-    return [{k: v for k, v in r.items() if k != "time"} for r in rs]
 
 
 def same_checkpoints(a, b):
